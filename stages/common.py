@@ -1,0 +1,289 @@
+"""The artifact contract, shared by every stage.
+
+One place for: params resolution by scale, atomic writes, content hashes, manifests, Parquet shard IO,
+the conservation check, and the per-shard driver that lets a killed run redo only the missing shards.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SCALES = ("tiny", "small", "3b")
+PARQUET_COMPRESSION = "zstd"
+# Row groups small enough to stream a shard without holding it whole in memory.
+ROW_GROUP_ROWS = 2048
+
+
+class StageError(RuntimeError):
+    """A refusal with a message that names the file (and line) at fault."""
+
+
+# ----------------------------------------------------------------------------- params
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_params(path: str | os.PathLike = REPO / "params.yaml") -> dict:
+    with open(path, encoding="utf-8") as fh:
+        params = yaml.safe_load(fh)
+    scale = params.get("scale")
+    if scale not in SCALES:
+        raise StageError(f"{path}: scale must be one of {SCALES}, got {scale!r}")
+    return params
+
+
+def stage_params(params: dict, stage: str) -> dict:
+    """The slice a stage reads: `params[stage]` overlaid with `params.scales[scale][stage]`, plus seed and scale.
+
+    Each rule passes exactly this slice, so Snakemake and DVC rerun a stage exactly when it changes.
+    """
+    scale = params["scale"]
+    base = params.get(stage, {}) or {}
+    override = (params.get("scales", {}).get(scale, {}) or {}).get(stage, {}) or {}
+    out = deep_merge(base, override)
+    out["seed"] = params.get("seed", 0)
+    out["scale"] = scale
+    return out
+
+
+def params_hash(p: dict) -> str:
+    return hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_id(text: str) -> str:
+    """Document id: the content hash of its normalized text (first 16 bytes of sha256, hex)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source files that implement a stage (stable across commits that do not touch them)."""
+    h = hashlib.sha256()
+    for name in sorted({"stages.common", *modules}):
+        mod = sys.modules.get(name) or __import__(name, fromlist=["_"])
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path in the destination directory; on success fsync it and rename over `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- parquet shards
+
+def write_table(path: str | os.PathLike, table: pa.Table) -> None:
+    """Atomic, deterministic Parquet write (zstd, fixed row-group size, no wall-clock metadata)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_ROWS,
+                       write_statistics=True)
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def iter_batches(path: str | os.PathLike, columns: list[str] | None = None,
+                 batch_size: int = ROW_GROUP_ROWS) -> Iterator[list[dict]]:
+    """Stream a Parquet shard as lists of row dicts, one row group at a time."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        yield batch.to_pylist()
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def list_shards(directory: str | os.PathLike) -> list[str]:
+    """Shard names (file stems) of the `*.parquet` files directly in `directory`, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StageError(f"{directory}: input directory does not exist")
+    names = sorted(p.stem for p in directory.glob("*.parquet") if not p.name.startswith("."))
+    if not names:
+        raise StageError(f"{directory}: input directory holds no *.parquet shards")
+    return names
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def file_entry(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if path.suffix == ".parquet":
+        entry["rows"] = count_rows(path)
+    return entry
+
+
+def write_manifest(path: str | os.PathLike, *, stage: str, params: dict, inputs: Iterable[str | os.PathLike],
+                   outputs: Iterable[str | os.PathLike], counts: dict, code: str, extra: dict | None = None) -> dict:
+    """manifest.json: counts, content hashes of inputs and outputs, the params slice, seed, code version."""
+    path = Path(path)
+    base = path.parent
+    def rel(p):
+        p = Path(p)
+        with contextlib.suppress(ValueError):
+            return str(p.resolve().relative_to(base.resolve()))
+        return str(p)
+    manifest = {
+        "stage": stage,
+        "params": params,
+        "params_hash": params_hash(params),
+        "seed": params.get("seed"),
+        "code_version": code,
+        "inputs": {str(p): sha256_file(p) for p in sorted(map(str, inputs)) if Path(p).is_file()},
+        "outputs": {rel(p): file_entry(p) for p in sorted(map(str, outputs))},
+        "counts": counts,
+    }
+    if extra:
+        manifest.update(extra)
+    write_json(path, manifest)
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def manifest_is_current(path: str | os.PathLike, params: dict, inputs: Iterable[str | os.PathLike], code: str) -> bool:
+    """True when a shard's manifest records these params, these input hashes and this code, and its outputs
+    still hash as recorded: the shard is done and a rerun may skip it."""
+    m = read_manifest(path)
+    if not m or m.get("params_hash") != params_hash(params) or m.get("code_version") != code:
+        return False
+    want = {str(p): sha256_file(p) for p in sorted(map(str, inputs)) if Path(p).is_file()}
+    if m.get("inputs") != want:
+        return False
+    base = Path(path).parent
+    for rel, entry in m.get("outputs", {}).items():
+        out = base / rel
+        if not out.is_file() or sha256_file(out) != entry["sha256"]:
+            return False
+    return True
+
+
+def check_conservation(stage: str, shard: str, n_in: int, **parts: int) -> None:
+    """Documents in == sum of the parts out (kept + rejected + ...); anything else is a bug, so stop."""
+    total = sum(parts.values())
+    if total != n_in:
+        raise StageError(f"{stage}[{shard}]: conservation violated: {n_in} in != {total} out {parts}")
+
+
+def run_sharded(shards: list[str], process: Callable[[str], Any], is_done: Callable[[str], bool],
+                desc: str) -> dict[str, str]:
+    """Process every shard whose outputs are not already current; returns {shard: 'done'|'skipped'}.
+
+    Each shard's outputs are written atomically and its manifest last, so a killed run leaves complete
+    shards (skipped on rerun) and missing ones (redone)."""
+    from tqdm import tqdm
+    status = {}
+    for shard in tqdm(shards, desc=desc, unit="shard", file=sys.stderr, disable=None):
+        if is_done(shard):
+            status[shard] = "skipped"
+            continue
+        process(shard)
+        status[shard] = "done"
+    return status
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Common CLI: `--params params.yaml` (DVC) or `--params-json '{...}'` (Snakemake passes the resolved slice)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default=str(REPO / "params.yaml"), help="params.yaml to resolve by its `scale`")
+    ap.add_argument("--params-json", default=None,
+                    help="resolved slices as JSON, {stage: slice, ...} (overrides --params; what Snakemake passes)")
+    return ap
+
+
+def resolve_cli_params(args: argparse.Namespace, stage: str) -> dict:
+    """The stage's slice: from `--params-json` ({stage: slice}) when given, else resolved from the params file."""
+    if args.params_json:
+        payload = json.loads(args.params_json)
+        if stage not in payload:
+            raise StageError(f"--params-json has no slice for stage {stage!r} (has {sorted(payload)})")
+        return payload[stage]
+    return stage_params(load_params(args.params), stage)
+
+
+def fail(exc: StageError) -> None:
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def open_live(directory: str | os.PathLike, resume: bool = False):
+    """A dvclive logger for a stage's metrics and plots in `directory` (repo-relative `dvclive/<stage>`).
+
+    dvcyaml=False: dvc.yaml is generated from the Snakemake DAG, and dvclive must never append to it.
+    save_dvc_exp=False: the DAG runs under `dvc exp run` or Snakemake; dvclive must not start experiments."""
+    from dvclive import Live
+    return Live(dir=str(directory), resume=resume, dvcyaml=False, save_dvc_exp=False, report=None)
