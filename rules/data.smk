@@ -19,6 +19,8 @@ rule ingest:
         cli=f"--input-dir {INPUT_DIR} --output-dir {A}/ingest",
     log:
         f"{LOGS}/ingest/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/ingest/{{shard}}.tsv",
     resources:
         mem_mb=2000,
         runtime=30,
@@ -39,6 +41,8 @@ rule filter:
         cli=f"--input-dir {A}/ingest --output-dir {A}/filter",
     log:
         f"{LOGS}/filter/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/filter/{{shard}}.tsv",
     resources:
         mem_mb=4000,
         runtime=60,
@@ -57,6 +61,8 @@ rule dedup_index:
         cli=f"index --sigs-dir {A}/filter/sigs --output-dir {A}/dedup_index",
     log:
         f"{LOGS}/dedup_index.log",
+    benchmark:
+        f"{BENCH}/dedup_index/dedup_index.tsv",
     resources:
         mem_mb=8000,
         runtime=60,
@@ -77,6 +83,8 @@ rule dedup:
         cli=f"apply --input-dir {A}/filter/kept --index {A}/dedup_index/duplicates.parquet --output-dir {A}/dedup",
     log:
         f"{LOGS}/dedup/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/dedup/{{shard}}.tsv",
     resources:
         mem_mb=2000,
         runtime=30,
@@ -91,12 +99,15 @@ rule quality_model:
     output:
         classifier=f"{A}/quality_model/classifier.npz",
         retrieval=f"{A}/quality_model/retrieval.npz",
+        metrics=f"{A}/quality_model/metrics.json",
         manifest=f"{A}/quality_model/manifest.json",
     params:
         cfg=slices("quality_model"),
         cli=f"--seed-file data/reference/seed.jsonl --corpus-dir {A}/dedup/kept --output-dir {A}/quality_model",
     log:
         f"{LOGS}/quality_model.log",
+    benchmark:
+        f"{BENCH}/quality_model/quality_model.tsv",
     resources:
         mem_mb=4000,
         runtime=60,
@@ -116,6 +127,8 @@ rule score:
         cli=f"--input-dir {A}/dedup/kept --model-dir {A}/quality_model --output-dir {A}/score",
     log:
         f"{LOGS}/score/{{shard}}.log",
+    benchmark:
+        f"{BENCH}/score/{{shard}}.tsv",
     resources:
         mem_mb=4000,
         runtime=60,
@@ -127,6 +140,8 @@ rule select:
     input:
         expand(f"{A}/score/{{shard}}.parquet", shard=SHARDS),
     output:
+        pool=directory(f"{A}/select/pool"),
+        rejected=directory(f"{A}/select/rejected"),
         buckets=f"{A}/select/buckets.json",
         manifest=f"{A}/select/manifest.json",
     params:
@@ -134,6 +149,8 @@ rule select:
         cli=f"--input-dir {A}/score --output-dir {A}/select",
     log:
         f"{LOGS}/select.log",
+    benchmark:
+        f"{BENCH}/select/select.tsv",
     resources:
         mem_mb=8000,
         runtime=60,
@@ -152,6 +169,8 @@ rule schedule:
         cli=f"--buckets {A}/select/buckets.json --output-dir {A}/schedule",
     log:
         f"{LOGS}/schedule.log",
+    benchmark:
+        f"{BENCH}/schedule/schedule.tsv",
     resources:
         mem_mb=1000,
         runtime=5,
@@ -166,6 +185,7 @@ rule funnel:
         dedup=expand(f"{A}/dedup/{{shard}}.manifest.json", shard=SHARDS),
         score=expand(f"{A}/score/{{shard}}.parquet", shard=SHARDS),
         select=rules.select.output.manifest,
+        quality=rules.quality_model.output.metrics,
         plan=rules.schedule.output.plan,
     output:
         funnel=f"{A}/funnel/funnel.json",
@@ -175,6 +195,8 @@ rule funnel:
         cli=f"--artifacts {A} --output-dir {A}/funnel --live-dir dvclive/data",
     log:
         f"{LOGS}/funnel.log",
+    benchmark:
+        f"{BENCH}/funnel/funnel.tsv",
     resources:
         mem_mb=2000,
         runtime=10,

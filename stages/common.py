@@ -27,6 +27,10 @@ PARQUET_COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 2048
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class StageError(RuntimeError):
     """A refusal with a message that names the file (and line) at fault."""
 
@@ -104,6 +108,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artifacts get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -287,3 +292,75 @@ def open_live(directory: str | os.PathLike, resume: bool = False):
     save_dvc_exp=False: the DAG runs under `dvc exp run` or Snakemake; dvclive must not start experiments."""
     from dvclive import Live
     return Live(dir=str(directory), resume=resume, dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+# ----------------------------------------------------------------------------- arrays and arrow batches
+
+def write_npz(path: str | os.PathLike, arrays: dict) -> None:
+    """Atomic, byte-deterministic `.npz` that `numpy.load` reads: sorted members, fixed zip timestamps, deflate.
+
+    `numpy.savez` stamps each member with the wall clock, so two identical runs would differ in bytes."""
+    import zipfile
+
+    import numpy as np
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in sorted(arrays):
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(arrays[name]), allow_pickle=False)
+
+
+def iter_record_batches(path: str | os.PathLike, columns: list[str] | None = None,
+                        batch_size: int = ROW_GROUP_ROWS) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet shard as Arrow record batches (for stages that compute column-wise, not row by row)."""
+    yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+
+
+@contextlib.contextmanager
+def table_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[Callable[[pa.Table], None]]:
+    """Stream tables into one Parquet shard with write_table's settings; yields `append(table)`.
+
+    Atomic like write_table: the shard appears at `path` only when the block exits cleanly, so a stage can
+    write shard-sized outputs batch by batch without holding them in memory."""
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION, write_statistics=True)
+        try:
+            yield lambda table: writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        finally:
+            writer.close()
+
+
+# ----------------------------------------------------------------------------- atomic directories
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory next to `final`; on success fsync its files and rename it to `final` (an existing
+    `final` is moved aside first, then deleted). A kill leaves the old directory, none, or the whole new one: never
+    a half-written `final`. Leftover `.<name>.*.tmp` siblings are debris of killed writes."""
+    import shutil
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

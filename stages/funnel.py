@@ -66,7 +66,9 @@ def data_funnel(artifacts: str | Path) -> dict:
     if g is not None:
         for u, n in _rows(con, f"SELECT utility, count(*) FROM read_parquet('{g}') GROUP BY utility ORDER BY utility"):
             hist[str(int(u))] = int(n)
-    return {"steps": steps, "utility_histogram": hist}
+    quality = common.read_manifest(art / "quality_model" / "metrics.json") or {}
+    return {"steps": steps, "utility_histogram": hist,
+            "quality_model": {k: quality[k] for k in ("heldout_auc", "heldout_accuracy") if k in quality}}
 
 
 def funnel_markdown(funnel: dict) -> str:
@@ -78,6 +80,9 @@ def funnel_markdown(funnel: dict) -> str:
         lines.append(f"| {step['stage']} | **kept** | **{step['docs_kept']}** | **{step['tokens_kept']}** |")
     lines += ["", "| utility | documents |", "|---:|---:|"]
     lines += [f"| {u} | {n} |" for u, n in funnel["utility_histogram"].items()]
+    if funnel["quality_model"]:
+        lines += ["", "Quality classifier (reference vs web), held-out: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in funnel["quality_model"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -91,6 +96,8 @@ def write_funnel(artifacts: str | Path, output_dir: str | Path, live_dir: str | 
     for step in funnel["steps"]:
         live.log_metric(f"{step['stage']}/docs_kept", step["docs_kept"], plot=False)
         live.log_metric(f"{step['stage']}/tokens_kept", step["tokens_kept"], plot=False)
+    for key, value in funnel["quality_model"].items():
+        live.log_metric(f"quality_model/{key}", round(value, 6), plot=False)
     rules = [{"rule": f"{s['stage']}:{d['rule']}", "docs": d["docs"], "tokens": d["tokens"]}
              for s in funnel["steps"] for d in s["dropped"]]
     rules += [{"rule": "kept (final)", "docs": funnel["steps"][-1]["docs_kept"],

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from stages.common import SCALES, write_text
+
 REPO = Path(__file__).resolve().parent.parent
 HEADER = ("# GENERATED from the Snakemake DAG by `python -m tools.gen_dvc` -- do not edit by hand.\n"
           "# tests/test_dag.py fails when this file drifts from a fresh generation.\n")
@@ -77,10 +79,10 @@ def module_files(module: str) -> list[str]:
 def generate(snakefile: Path = REPO / "Snakefile", workdir: Path = REPO) -> str:
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     scale = params["scale"]
-    art = f"artifacts/{scale}"
 
     def templ(p: str) -> str:
-        return re.sub(rf"(^|\s|=){re.escape(art)}(?=/|\s|$)", rf"\1artifacts/${{scale}}", p)
+        """artifacts/<scale>/..., checkpoints/<scale>/... -> .../${scale}/...: one dvc.yaml serves every scale."""
+        return re.sub(rf"(?<=\w)/{re.escape(scale)}(?=[/\s,]|$)", "/${scale}", p)
 
     jobs = build_jobs(snakefile, workdir)
     by_rule: dict[str, list] = defaultdict(list)
@@ -97,7 +99,8 @@ def generate(snakefile: Path = REPO / "Snakefile", workdir: Path = REPO) -> str:
         data = [f for f in files if not f.startswith("dvclive/")]
         live_dir[name] = sorted({f.rstrip("/") for f in files if f.startswith("dvclive/")})
         if data:
-            out_dir[name] = os.path.commonpath(data)
+            common_dir = os.path.commonpath(data)
+            out_dir[name] = str(Path(common_dir).parent) if common_dir in data else common_dir
 
     stages = {}
     for name in rule_order:
@@ -121,8 +124,15 @@ def generate(snakefile: Path = REPO / "Snakefile", workdir: Path = REPO) -> str:
                     deps.add(f)
         stage_params = ["scale", "seed"]
         for s in sorted(cfg):
-            stage_params.append(s)
-            stage_params.append(f"scales.${{scale}}.{s}")
+            if s in params:
+                stage_params.append(s)
+            present = [s in (params["scales"].get(sc) or {}) for sc in SCALES]
+            if all(present):
+                stage_params.append(f"scales.${{scale}}.{s}")
+            elif any(present):
+                # DVC refuses a missing params key, so `-S scale=<other>` would break: all scales or none
+                raise SystemExit(f"params.yaml: scales.<scale>.{s} exists for some scales only; "
+                                 f"give every scale one ({{}} when empty)")
         stage = {"cmd": templ(cmd), "deps": sorted(templ(d) for d in deps), "params": stage_params,
                  "outs": [templ(out_dir[name])]}
         for live in live_dir[name]:
@@ -145,7 +155,7 @@ def main() -> None:
             raise SystemExit(1)
         print("dvc.yaml is up to date")
         return
-    target.write_text(fresh)
+    write_text(target, fresh)
     print(f"wrote {target.relative_to(REPO)} ({len(yaml.safe_load(fresh)['stages'])} stages)")
 
 

@@ -1,0 +1,56 @@
+# Tokenizer + packed token streams per bucket, then FG-WSD pretraining to a base checkpoint.
+# Resources scale with the profile so `snakemake --profile profiles/slurm` requests what each scale needs.
+PHASES = [phase["name"] for phase in stage_params(config, "schedule")["phases"]]
+RESOURCES = {
+    "tiny": {"tokenize": dict(mem_mb=4000, runtime=30, cpus_per_task=2, gpu=0),
+             "pretrain": dict(mem_mb=8000, runtime=60, cpus_per_task=2, gpu=0)},
+    "small": {"tokenize": dict(mem_mb=16000, runtime=120, cpus_per_task=8, gpu=0),
+              "pretrain": dict(mem_mb=64000, runtime=24 * 60, cpus_per_task=16, gpu=1)},
+    "3b": {"tokenize": dict(mem_mb=256000, runtime=48 * 60, cpus_per_task=64, gpu=0),
+           "pretrain": dict(mem_mb=1000000, runtime=14 * 24 * 60, cpus_per_task=96, gpu=8)},
+}[SCALE]
+
+
+rule tokenize:
+    input:
+        pool=rules.select.output.pool,
+        heldout="data/heldout",
+    output:
+        manifest=f"{A}/tokenize/manifest.json",
+        tokenizer=f"{A}/tokenize/tokenizer/tokenizer.json",
+    params:
+        cfg=slices("tokenize"),
+        cli=f"--pool-dir {A}/select/pool --heldout data/heldout --output-dir {A}/tokenize",
+    log:
+        f"{LOGS}/tokenize.log",
+    benchmark:
+        f"{BENCH}/tokenize/tokenize.tsv",
+    threads: RESOURCES["tokenize"]["cpus_per_task"]
+    resources:
+        **RESOURCES["tokenize"],
+    shell:
+        "{PY} stages.tokenize --params-json {params.cfg:q} {params.cli} 2> {log}"
+
+
+rule pretrain:
+    input:
+        plan=rules.schedule.output.plan,
+        tokens=rules.tokenize.output.manifest,
+    output:
+        final=f"{A}/pretrain/final/model.safetensors",
+        phases=expand(f"{A}/pretrain/phases/{{name}}/model.safetensors", name=PHASES),
+        manifest=f"{A}/pretrain/manifest.json",
+        live=directory("dvclive/pretrain"),
+    params:
+        cfg=slices("pretrain", "model"),
+        cli=(f"--plan {A}/schedule/plan.json --tokens-dir {A}/tokenize --output-dir {A}/pretrain"
+             f" --resume-dir checkpoints/{SCALE}/pretrain"),
+    log:
+        f"{LOGS}/pretrain.log",
+    benchmark:
+        f"{BENCH}/pretrain/pretrain.tsv",
+    threads: RESOURCES["pretrain"]["cpus_per_task"]
+    resources:
+        **RESOURCES["pretrain"],
+    shell:
+        "{PY} stages.pretrain --params-json {params.cfg:q} {params.cli} 2> {log}"

@@ -1,0 +1,186 @@
+"""The DAG itself: dvc.yaml is generated from Snakemake, one small end-to-end run with Snakemake, incremental
+reruns with Snakemake and DVC (a changed score param reruns score and what follows, nothing before)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import common
+from tools import gen_dvc
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ""}
+COPY = ["Snakefile", "rules", "stages", "model", "tools", "data", "params.yaml", "dvc.yaml", ".dvc/config",
+        ".dvcignore", ".gitignore"]
+DATA_RULES = ["ingest", "filter", "dedup_index", "dedup", "quality_model", "score", "select", "schedule", "funnel"]
+UPSTREAM_OF_SCORE = {"ingest", "filter", "dedup_index", "dedup", "quality_model"}
+
+
+def sh(cmd, cwd, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, shell=isinstance(cmd, str), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", dest)
+    return dest
+
+
+def set_param(workdir: Path, dotted: str, value) -> None:
+    path = workdir / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Rule -> job count of what `snakemake -n` would run now."""
+    out = sh(["snakemake", "-n", "-c1"], workdir).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def a_score_param() -> str:
+    """A leaf param that only the score stage reads."""
+    sliced = common.stage_params(common.load_params(REPO / "params.yaml"), "score")
+    weights = sliced["utility_weights"]
+    return f"score.utility_weights.{sorted(weights)[0]}", weights[sorted(weights)[0]] + 0.25
+
+
+def test_dvc_yaml_is_generated_from_the_snakemake_dag():
+    committed = (REPO / "dvc.yaml").read_text()
+    assert committed == gen_dvc.generate(), "dvc.yaml drifted from the Snakemake DAG: run `python -m tools.gen_dvc`"
+    stages = yaml.safe_load(committed)["stages"]
+    assert list(stages)[: len(DATA_RULES)] == DATA_RULES or set(DATA_RULES) <= set(stages)
+    assert "scales.${scale}.score" in stages["score"]["params"]
+    assert stages["score"]["outs"] == ["artifacts/${scale}/score"]
+    assert "artifacts/${scale}/dedup" in stages["score"]["deps"] and "stages/score.py" in stages["score"]["deps"]
+
+
+def test_dvc_analytics_are_off_in_the_committed_config():
+    assert re.search(r"analytics\s*=\s*false", (REPO / ".dvc" / "config").read_text())
+
+
+# The end-to-end run trains on a shorter stream and evaluates fewer, shorter samples than `make demo`:
+# the same code path in a fraction of the time.
+FAST = {"scales.tiny.select.budgets.train_tokens": 120000,
+        "scales.tiny.evaluate.max_problems": 2, "scales.tiny.evaluate.n_samples": 2,
+        "scales.tiny.evaluate.max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def snakemake_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smk")
+    copy_repo(work)
+    for key, value in FAST.items():
+        set_param(work, key, value)
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm fast", work)
+    sh(["snakemake", "-c2"], work)
+    return work
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_whole_dag_end_to_end(snakemake_run):
+    art = snakemake_run / "artifacts" / "tiny"
+    report = (art / "report" / "report.md").read_text()
+    for png in ("data_funnel.png", "pretrain_loss.png", "eval_accuracy.png"):
+        assert (art / "report" / png).stat().st_size > 10_000 and f"]({png})" in report
+    assert "| base |" in report and "Nanbeige4-3B (paper)" in report
+    pretrain = json.loads((art / "pretrain" / "manifest.json").read_text())
+    assert pretrain["loss_end"] < pretrain["loss_start"] - 1.0
+    sliced = common.stage_params(yaml.safe_load((snakemake_run / "params.yaml").read_text()), "pretrain")
+    sequences_per_step = sliced["batch_size"] * sliced["grad_accum"]
+    for phase in pretrain["counts"]["phases"]:
+        step_tokens = sequences_per_step * phase["seq_len"]
+        assert phase["tokens_consumed"] == phase["steps"] * step_tokens
+        assert abs(phase["tokens_consumed"] - phase["tokens_planned"]) <= step_tokens / 2 + 1
+    metrics = json.loads((art / "eval" / "base" / "metrics.json").read_text())
+    assert {"tiny_math", "humaneval", "bfcl"} <= set(metrics)
+    live = json.loads((snakemake_run / "dvclive" / "eval" / "metrics.json").read_text())
+    assert "tiny_math" in live["base"]
+    plan = json.loads((art / "schedule" / "plan.json").read_text())
+    assert [p["stage"] for p in plan["phases"]][0] == "warmup" and plan["phases"][-1]["stage"] == "decay"
+    assert sum(p["tokens"] for p in plan["phases"]) == plan["total_tokens"]
+    funnel = json.loads((art / "funnel" / "funnel.json").read_text())
+    dropped = {d["rule"] for step in funnel["steps"] for d in step["dropped"]}
+    assert {"exact_dup", "near_dup", "language"} <= dropped, dropped
+    assert sum(funnel["utility_histogram"].values()) == funnel["steps"][2]["docs_kept"]
+    metrics = json.loads((snakemake_run / "dvclive" / "data" / "metrics.json").read_text())
+    assert metrics["select"]["docs_kept"] == funnel["steps"][-1]["docs_kept"] > 0
+    assert planned_jobs(snakemake_run) == {}
+
+
+@pytest.mark.slow
+def test_snakemake_score_param_reruns_score_and_downstream_only(snakemake_run):
+    key, value = a_score_param()
+    set_param(snakemake_run, key, value)
+    jobs = planned_jobs(snakemake_run)
+    assert {"score", "select", "schedule", "funnel"} <= set(jobs), jobs
+    assert not set(jobs) & UPSTREAM_OF_SCORE, jobs
+    sh(["git", "checkout", "params.yaml"], snakemake_run)
+    assert planned_jobs(snakemake_run) == {}
+
+
+@pytest.mark.slow
+def test_snakemake_redoes_only_the_missing_shard(snakemake_run):
+    victim = sorted((snakemake_run / "artifacts" / "tiny" / "filter" / "kept").glob("*.parquet"))[0]
+    victim.unlink()
+    jobs = planned_jobs(snakemake_run)
+    assert jobs.get("filter") == 1 and "ingest" not in jobs, jobs
+
+
+@pytest.fixture(scope="module")
+def dvc_run(tmp_path_factory):
+    work = copy_repo(tmp_path_factory.mktemp("dvc"))
+    sh(["dvc", "repro", "funnel"], work)
+    return work
+
+
+@pytest.mark.slow
+def test_dvc_repro_unchanged_tree_does_no_work(dvc_run):
+    out = sh(["dvc", "repro", "funnel"], dvc_run).stdout
+    assert "Running stage" not in out, out
+    assert "up to date" in sh(["dvc", "status"], dvc_run).stdout
+
+
+@pytest.mark.slow
+def test_dvc_score_param_change_marks_score_and_downstream_only(dvc_run):
+    key, value = a_score_param()
+    set_param(dvc_run, key, value)
+    status = sh(["dvc", "status", "--json"], dvc_run).stdout
+    changed = set(json.loads(status))
+    assert {"score", "select", "schedule", "funnel"} <= changed, changed
+    assert not changed & UPSTREAM_OF_SCORE, changed
+    sh(["git", "checkout", "params.yaml"], dvc_run)
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_compares_a_param(dvc_run):
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lock", dvc_run)
+    key, value = a_score_param()
+    sh(["dvc", "exp", "run", "funnel", "-S", f"{key}={value}"], dvc_run)
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], dvc_run).stdout)
+    text = json.dumps(shown)
+    assert key.split(".")[-1] in text and "docs_kept" in text
