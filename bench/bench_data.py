@@ -435,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
                   "asymmetry: datatrove's LanguageFilter downloads a fastText model, so the baseline runs langid (ours "
                   "too) in a LambdaFilter; ours' binary_garbage rule and exact-hash pass have no datatrove step; "
                   "FineWebQualityFilter's char-dup and list ratios and GopherQualityFilter's full word statistics "
-                  "still run (never firing); datatrove skips a filter for any domain exempt from one of its rules",
+                  "still run (never firing); datatrove skips a filter for any domain exempt from one of its rules; "
+                  "ours verifies LSH candidates by estimated Jaccard (dedup.verify_min_jaccard), datatrove takes "
+                  "every band collision",
                   "datatrove phases (wall s / cpu s): " + ", ".join(
                       f"{k} {v['wall_s']:.1f}/{v['cpu_s']:.1f}" for k, v in dt["phases"].items())]
         base = rows[label]["docs_per_cpu_s"]

@@ -43,6 +43,9 @@ HEURISTIC_FILTERS = {
     "C4QualityFilter": C4QualityFilter,
     "FineWebQualityFilter": FineWebQualityFilter,
 }
+# Pool workers forked from this process are joined by it, so their CPU and peak RSS reach the caller's os.wait4;
+# datatrove's default forkserver parents them to a server process that nobody waits for.
+START_METHOD = "fork"
 WORD_TOKENIZED = {"GopherRepetitionFilter", "GopherQualityFilter", "FineWebQualityFilter"}
 
 
@@ -132,20 +135,21 @@ def run(cfg: dict) -> dict:
                       ParquetWriter(str(work / "kept"), output_filename="${rank}.parquet", compression="zstd"),
                       MinhashDedupSignature(output_folder=str(work / "sigs"), config=config,
                                             language=tokenizer)],
-            tasks=tasks, workers=workers, logging_dir=str(work / "logs/filter")),
+            tasks=tasks, workers=workers, start_method=START_METHOD, logging_dir=str(work / "logs/filter")),
         "buckets": LocalPipelineExecutor(
             pipeline=[MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"),
                                           config=config)],
-            tasks=mh["num_buckets"], workers=workers, logging_dir=str(work / "logs/buckets")),
+            tasks=mh["num_buckets"], workers=workers, start_method=START_METHOD,
+            logging_dir=str(work / "logs/buckets")),
         "cluster": LocalPipelineExecutor(
             pipeline=[MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"),
                                           config=config)],
-            tasks=1, workers=1, logging_dir=str(work / "logs/cluster")),
+            tasks=1, workers=1, start_method=START_METHOD, logging_dir=str(work / "logs/cluster")),
         "dedup_filter": LocalPipelineExecutor(
             pipeline=[ParquetReader(str(work / "kept"), **reader),
                       MinhashDedupFilter(input_folder=str(work / "remove")),
                       ParquetWriter(str(work / "deduped"), output_filename="${rank}.parquet", compression="zstd")],
-            tasks=tasks, workers=workers, logging_dir=str(work / "logs/dedup_filter")),
+            tasks=tasks, workers=workers, start_method=START_METHOD, logging_dir=str(work / "logs/dedup_filter")),
     }
     out = {"phases": {}}
     for name, executor in phases.items():

@@ -162,7 +162,8 @@ def stage_times(bench_dir: Path) -> list[list]:
                 secs += float(r["s"])
                 rss = max(rss, float(r["max_rss"]) if r["max_rss"] not in ("-", "NA", "") else 0.0)
                 jobs += 1
-        rows.append([rule_dir.name, jobs, f"{secs:.1f}", f"{rss:.0f}"])
+        if jobs:
+            rows.append([rule_dir.name, jobs, f"{secs:.1f}", f"{rss:.0f}"])
     return rows
 
 
@@ -216,9 +217,10 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
         s += ["![pretraining loss](pretrain_loss.png)", ""]
     heldout = pretrain.get("heldout_loss") or {}
     if heldout:
+        order = [ph["name"] for ph in pretrain["counts"]["phases"] if ph["name"] in heldout]
+        sets = sorted(next(iter(heldout.values())))
         s += ["Held-out loss at each phase end:", "",
-              md_table(["phase", *sorted(next(iter(heldout.values())))],
-                       [[ph, *[f"{v:.4f}" for _, v in sorted(vals.items())]] for ph, vals in heldout.items()]), ""]
+              md_table(["phase", *sets], [[ph, *[f"{heldout[ph][k]:.4f}" for k in sets]] for ph in order]), ""]
 
     benches = sorted({b for m in evals.values() for b in m})
     s += ["## Evaluation", "",

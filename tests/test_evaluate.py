@@ -148,7 +148,7 @@ def checkpoint(tmp_path_factory):
 
 def eval_params(**overrides) -> dict:
     params = common.stage_params(common.load_params(), "evaluate")
-    params.update({"max_problems": 2, "max_new_tokens": 12, "n_samples": 2, "batch_size": 4, "scale": "tiny",
+    params.update({"prompt_format": "chat", "max_problems": 2, "max_new_tokens": 12, "n_samples": 2, "batch_size": 4, "scale": "tiny",
                    "seed": 1234, "device": "cpu", "dtype": "float32", "sandbox_timeout_s": 5.0})
     params.update(overrides)
     return params
