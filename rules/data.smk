@@ -25,7 +25,7 @@ rule ingest:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} stages.ingest --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
+        "python -m stages.ingest --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
 
 
 rule filter:
@@ -47,7 +47,7 @@ rule filter:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{PY} stages.filter --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
+        "python -m stages.filter --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
 
 
 rule dedup_index:
@@ -67,7 +67,7 @@ rule dedup_index:
         mem_mb=8000,
         runtime=60,
     shell:
-        "{PY} stages.dedup --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.dedup --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
 rule dedup:
@@ -89,7 +89,7 @@ rule dedup:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{PY} stages.dedup --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
+        "python -m stages.dedup --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
 
 
 rule quality_model:
@@ -112,7 +112,7 @@ rule quality_model:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{PY} stages.quality_model --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.quality_model --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
 rule score:
@@ -133,7 +133,7 @@ rule score:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{PY} stages.score --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
+        "python -m stages.score --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
 
 
 rule select:
@@ -155,7 +155,7 @@ rule select:
         mem_mb=8000,
         runtime=60,
     shell:
-        "{PY} stages.select --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.select --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
 rule schedule:
@@ -175,7 +175,7 @@ rule schedule:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{PY} stages.schedule --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.schedule --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
 rule funnel:
@@ -201,4 +201,4 @@ rule funnel:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} stages.funnel --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.funnel --params-json {params.cfg:q} {params.cli} 2> {log}"

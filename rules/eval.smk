@@ -26,7 +26,7 @@ rule evaluate:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{PY} stages.evaluate --params-json {params.cfg:q} {params.cli} --only {wildcards.ckpt} 2> {log}"
+        "python -m stages.evaluate --params-json {params.cfg:q} {params.cli} --only {wildcards.ckpt} 2> {log}"
 
 
 rule report:
@@ -37,7 +37,10 @@ rule report:
         pretrain_live=rules.pretrain.output.live,
         plan=rules.schedule.output.plan,
     output:
-        report=f"{A}/report/report.md",
+        report=report(f"{A}/report/report.md", category="Report card"),
+        funnel_png=report(f"{A}/report/data_funnel.png", category="Report card"),
+        pretrain_png=report(f"{A}/report/pretrain_loss.png", category="Report card"),
+        eval_png=report(f"{A}/report/eval_accuracy.png", category="Report card"),
         live=directory("dvclive/eval"),
     params:
         cfg=slices("report"),
@@ -51,4 +54,4 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PY} stages.report --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.report --params-json {params.cfg:q} {params.cli} 2> {log}"

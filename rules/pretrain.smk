@@ -29,7 +29,7 @@ rule tokenize:
     resources:
         **RESOURCES["tokenize"],
     shell:
-        "{PY} stages.tokenize --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.tokenize --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
 rule pretrain:
@@ -53,4 +53,4 @@ rule pretrain:
     resources:
         **RESOURCES["pretrain"],
     shell:
-        "{PY} stages.pretrain --params-json {params.cfg:q} {params.cli} 2> {log}"
+        "python -m stages.pretrain --params-json {params.cfg:q} {params.cli} 2> {log}"

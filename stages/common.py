@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gzip
 import hashlib
 import json
 import os
@@ -100,6 +101,15 @@ def code_version(*modules: str) -> str:
 
 # ----------------------------------------------------------------------------- atomic writes
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path in the destination directory; on success fsync it and rename over `final`."""
@@ -114,11 +124,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -153,6 +159,26 @@ def iter_batches(path: str | os.PathLike, columns: list[str] | None = None,
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
         yield batch.to_pylist()
+
+
+def iter_jsonl(path: str | os.PathLike, text_field: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSON-lines file (gzip when it ends in .gz).
+    A line that is not a JSON object, or lacks a string `text_field`, is a StageError naming file and line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise StageError(f"{path}:{lineno}: not a JSON object")
+            if text_field is not None and not isinstance(record.get(text_field), str):
+                raise StageError(f"{path}:{lineno}: record has no string field {text_field!r}")
+            yield lineno, record
 
 
 def count_rows(path: str | os.PathLike) -> int:
@@ -356,11 +382,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -35,7 +35,6 @@ not a pipeline dependency: it lives in its own venv, bench/.venv-lmeval, which r
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import math
@@ -111,22 +110,14 @@ def read_records(path: str | Path, split: str | None = None) -> list[dict]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        text = fh.read()
-    if path.name.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise common.StageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    if path.name.endswith(".json"):
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
             try:
-                rows.append(json.loads(line))
+                return json.loads(text)
             except json.JSONDecodeError as exc:
-                raise common.StageError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from None
-    return rows
+                raise common.StageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    return [record for _, record in common.iter_jsonl(path)]
 
 
 def _resolve(data_root: Path, rel: str) -> Path:

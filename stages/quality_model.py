@@ -88,20 +88,12 @@ def read_seed_set(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise common.StageError(f"{path}: seed file does not exist")
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise common.StageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise common.StageError(f"{path}:{lineno}: record has no non-empty string 'text'")
-            text = unicodedata.normalize("NFC", text)
-            docs.append({"id": common.content_id(text), "text": text, "domain": record.get("domain", ""),
-                         "source": record.get("source", "")})
+    for lineno, record in common.iter_jsonl(path, text_field="text"):
+        if not record["text"].strip():
+            raise common.StageError(f"{path}:{lineno}: record has an empty 'text'")
+        text = unicodedata.normalize("NFC", record["text"])
+        docs.append({"id": common.content_id(text), "text": text, "domain": record.get("domain", ""),
+                     "source": record.get("source", "")})
     if not docs:
         raise common.StageError(f"{path}: seed file holds no documents")
     return docs

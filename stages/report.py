@@ -10,7 +10,6 @@ Every figure is read from an artifact of this run; nothing is typed in except th
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib

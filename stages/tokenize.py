@@ -15,7 +15,6 @@ Outputs under artifacts/<scale>/tokenize/:
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 from array import array
@@ -237,17 +236,8 @@ def _shuffle_stream(scratch: Path, final: Path, dtype: np.dtype, keys: np.ndarra
 
 def read_heldout(path: Path) -> Iterator[str]:
     """Texts of a held-out jsonl file; a bad line is a StageError naming file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise common.StageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise common.StageError(f"{path}:{lineno}: record has no string field 'text'")
-            yield record["text"]
+    for _, record in common.iter_jsonl(path, text_field="text"):
+        yield record["text"]
 
 
 def encode_heldout(path: Path, tok, final: Path, batch_docs: int, dtype: np.dtype) -> dict:

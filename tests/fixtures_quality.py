@@ -27,7 +27,7 @@ def reference_doc(rng: random.Random) -> str:
     sentences = [
         f"In science, {topic} is defined as the study of how systems change under measurable conditions.",
         f"For example, {name} measured {n} samples in {1700 + n} and reported a ratio of {n / 7:.2f}.",
-        f"Because the quantities are conserved, the total remains constant, and therefore the model predicts it.",
+        "Because the quantities are conserved, the total remains constant, and therefore the model predicts it.",
         f"The relationship between {topic} and {other} is known as a coupling, which means that one constrains "
         f"the other.",
         f"Thus students can compute the value directly: if x = {n} then 2x = {2 * n}.",

@@ -63,7 +63,7 @@ def test_sample_seeds_are_stable_and_distinct():
 def test_read_records_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n{"a": \n')
-    with pytest.raises(common.StageError, match=r"bad.jsonl:2: invalid JSON line"):
+    with pytest.raises(common.StageError, match=r"bad.jsonl:2: not valid JSON"):
         ev.read_records(path)
     with pytest.raises(common.StageError, match="not found"):
         ev.read_records(tmp_path / "missing.jsonl")
