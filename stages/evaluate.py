@@ -25,10 +25,9 @@ samples/<benchmark>.jsonl (prompt, completion, verdict per sample), manifest.jso
 
 Interop with lm-evaluation-harness: our checkpoints are Hugging Face Llama checkpoints (config.json +
 model.safetensors + tokenizer files), so `lm_eval --model hf` loads them with transformers unchanged. lm-eval is
-not a pipeline dependency: it lives in its own venv, bench/.venv-lmeval, which reuses .venv's packages through a
-.pth file (set-up in tools/lm_eval_local.py's docstring); our local tasks are yamls in data/eval/lm_eval/:
+a dev dependency (not a pipeline one; tests/test_lm_eval.py runs it); our local tasks are yamls in data/eval/lm_eval/:
 
-    bench/.venv-lmeval/bin/python tools/lm_eval_local.py --checkpoint DIR [--tasks tiny_math_gen] [--limit 20]
+    .venv/bin/python tools/lm_eval_local.py --checkpoint DIR [--tasks tiny_math_gen] [--limit 20]
     # runs, from the repo root with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1:
     lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --include_path data/eval/lm_eval \
         --tasks tiny_math_gen --device cpu --batch_size 8 --output_path bench/out/lm_eval [--limit 20]

@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from stages import common
 from stages import evaluate as ev
 from stages.verifiers import VerifierResult
+from fixtures_checkpoint import make_checkpoint
 
 EVAL = common.REPO / "data" / "eval"
 
@@ -128,22 +128,7 @@ def test_benchmark_config_overlays_entry_and_rejects_unknown():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A micro decoder + a BPE tokenizer trained by the tokenize stage on a few eval texts (ChatML template)."""
-    from model import ModelConfig, NanbeigeForCausalLM, save_pretrained
-    from stages import tokenize
-    texts = [json.loads(x)["question"] for x in (EVAL / "tiny_math" / "test.jsonl").read_text().splitlines()[:200]]
-    with gzip.open(EVAL / "humaneval" / "HumanEval.jsonl.gz", "rt") as fh:
-        texts += [json.loads(x)["prompt"] for x in fh]
-    texts += ["Answer: A. Answer: B. Which answer is better, A or B?"] * 5
-    out = tmp_path_factory.mktemp("ckpt")
-    tok = tokenize.train_tokenizer(texts, vocab_size=600, min_frequency=2)
-    tokenize.save_tokenizer(tok, out)
-    cfg = ModelConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                      rope_theta=10000.0, eos_token_id=0)
-    torch.manual_seed(0)
-    save_pretrained(NanbeigeForCausalLM(cfg), out)
-    return out
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def eval_params(**overrides) -> dict:
