@@ -17,7 +17,7 @@ from tools import gen_dvc
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": ""}
-COPY = ["Snakefile", "rules", "stages", "model", "tools", "data", "params.yaml", "dvc.yaml", ".dvc/config",
+COPY = ["Snakefile", "rules", "stages", "model", "tools", "data", "profiles", "params.yaml", "dvc.yaml", ".dvc/config",
         ".dvcignore", ".gitignore"]
 DATA_RULES = ["ingest", "filter", "dedup_index", "dedup", "quality_model", "score", "select", "schedule", "funnel"]
 UPSTREAM_OF_SCORE = {"ingest", "filter", "dedup_index", "dedup", "quality_model"}
