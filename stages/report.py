@@ -253,6 +253,10 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
     for ph, vals in heldout.items():
         for k, v in vals.items():
             live.log_metric(f"heldout/{ph}/{k}", round(v, 6), plot=False)
+    for bench in benches:  # `dvc plots show`: accuracy of every checkpoint, one bar chart per benchmark
+        live.log_plot(f"{bench}_avg_at_k", [{"checkpoint": n, "avg@k": m.get(bench, {}).get("avg@k", 0.0)}
+                                            for n, m in evals.items()],
+                      x="avg@k", y="checkpoint", template="bar_horizontal", title=f"{bench}: avg@k per checkpoint")
     live.end()
 
     common.write_manifest(out / "manifest.json", stage=STAGE, params=params, inputs=[],
