@@ -38,6 +38,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf artifacts checkpoints logs dvclive .snakemake
