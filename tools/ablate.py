@@ -43,8 +43,9 @@ def flatten(prefix: str, node) -> dict:
 
 
 def collect(names: list[str]) -> dict[str, dict]:
-    """{experiment name: {metric path: value}} from `dvc exp show --json`."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=REPO, check=True,
+    """{experiment name: {metric path: value}} from `dvc exp show --json --all-commits` (each experiment hangs off
+    the commit it started from)."""
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=REPO, check=True,
                                       capture_output=True, text=True).stdout)
     found = {}
 
