@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import ops
 from model.config import ModelConfig
@@ -187,8 +186,16 @@ class NanbeigeForCausalLM(nn.Module):
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy in fp32, L = -1/|M| sum_{t in M} log softmax(logits_t)[labels_t], where
         labels are already aligned (labels[t] is the target for position t) and M = {t : labels_t != ignore_index}."""
-        logits = self(input_ids).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+        return ops.linear_cross_entropy(self._hidden(input_ids, None), self.lm_head.weight, labels, ignore_index)
+
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets_t | input_ids_<=t) in fp32, [B, T] (targets aligned as `loss`'s labels), never keeping the
+        [B, T, vocab] log-softmax beyond the LM-head op (fused kernels chunk it away)."""
+        return ops.linear_token_logprobs(self._hidden(input_ids, None), self.lm_head.weight, targets)
+
+    def topk_logprobs(self, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely next tokens at every position: (log-probs [B, T, k] fp32, token ids [B, T, k])."""
+        return ops.linear_topk_logprobs(self._hidden(input_ids, None), self.lm_head.weight, k)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,

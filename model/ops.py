@@ -60,3 +60,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     # SDPA's is_causal aligns the mask top-left; a cache needs it bottom-right.
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token CE of the LM head: L = -1/|M| sum_{t in M} log softmax(hidden_t W^T)[labels_t] in fp32, over
+    M = {t : labels_t != ignore_index}; hidden [..., H], weight [V, H], labels [...] already aligned to positions."""
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets_t) = log softmax(hidden_t W^T)[targets_t] in fp32, shape of targets: the per-token log-probs that
+    SFT masking, DPO, distillation and GRPO weight themselves."""
+    logits = F.linear(hidden, weight).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log softmax(hidden_t W^T) values per position in fp32 and their token ids ([..., k] each): what a
+    teacher stores for distillation instead of the full [tokens x vocab] distribution."""
+    logits = F.linear(hidden, weight).float()
+    return torch.log_softmax(logits, dim=-1).topk(k, dim=-1)

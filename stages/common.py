@@ -181,6 +181,14 @@ def iter_jsonl(path: str | os.PathLike, text_field: str | None = None) -> Iterat
             yield lineno, record
 
 
+def input_shard(directory: str | os.PathLike, name: str) -> Path:
+    """The Parquet shard `name` of `directory`; a missing one is a StageError naming it."""
+    path = Path(directory) / f"{name}.parquet"
+    if not path.is_file():
+        raise StageError(f"{path}: input shard does not exist")
+    return path
+
+
 def count_rows(path: str | os.PathLike) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 

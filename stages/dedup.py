@@ -287,9 +287,7 @@ def dedup_shards(input_dir: str | Path, index_path: str | Path, output_dir: str 
     code = common.code_version(f"stages.{STAGE}")
 
     def process(name: str) -> None:
-        path = input_dir / f"{name}.parquet"
-        if not path.is_file():
-            raise common.StageError(f"{path}: input shard does not exist")
+        path = common.input_shard(input_dir, name)
         dedup_shard(path, index_path, output_dir, name, p)
 
     def is_done(name: str) -> bool:

@@ -749,9 +749,7 @@ def filter_shards(input_dir: str | Path, output_dir: str | Path, p: dict, shard:
     code = common.code_version(f"stages.{STAGE}")
 
     def process(name: str) -> None:
-        path = input_dir / f"{name}.parquet"
-        if not path.is_file():
-            raise common.StageError(f"{path}: input shard does not exist")
+        path = common.input_shard(input_dir, name)
         filter_shard(path, output_dir, name, p)
 
     def is_done(name: str) -> bool:

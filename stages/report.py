@@ -32,11 +32,16 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_tsv_raw(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
 def read_tsv(path: Path) -> list[dict]:
+    """A dvclive metric TSV as floats (missing file: no points)."""
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [{k: float(v) for k, v in row.items() if k != "timestamp"} for row in csv.DictReader(fh, delimiter="\t")]
+    return [{k: float(v) for k, v in row.items() if k != "timestamp"} for row in read_tsv_raw(path)]
 
 
 def savefig(fig, path: Path) -> Path:
@@ -164,11 +169,6 @@ def stage_times(bench_dir: Path) -> list[list]:
         if jobs:
             rows.append([rule_dir.name, jobs, f"{secs:.1f}", f"{rss:.0f}"])
     return rows
-
-
-def read_tsv_raw(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return list(csv.DictReader(fh, delimiter="\t"))
 
 
 # ----------------------------------------------------------------------------- the card
