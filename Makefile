@@ -9,12 +9,15 @@ CORES ?= 2
 SCALE ?= $(shell grep -E '^scale:' params.yaml | awk '{print $$2}')
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv dvc-yaml lint bench clean
+.PHONY: demo test venv dvc-yaml lint bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
 # torch first, from the local CPU wheel (a plain resolve would pull a multi-GB CUDA build).
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@# bubblewrap isolates the code sandbox (stages/verifiers/sandbox.py); without it the sandbox says it falls back
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
+	  || echo "bwrap not installed (needs root): the code sandbox will use its fallback layers"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
@@ -38,7 +41,16 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_dedup.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_sandbox.py
+
+# On a GPU node with requirements-gpu.txt installed: fused kernels vs eager / torch.compile / liger, and the
+# 3b-layer training smoke test of the Megatron and FSDP2 backends (tokens/s, MFU).
+bench-gpu: venv
+	$(BIN)/python bench/bench_kernels.py
+	$(BIN)/python bench/gpu_smoke_scaleout.py
 
 clean:
 	rm -rf artifacts checkpoints logs dvclive .snakemake

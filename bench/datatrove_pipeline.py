@@ -6,14 +6,20 @@ script with the baseline venv's python and a JSON config, and measures its CPU t
 Pipeline (datatrove's own steps, LocalPipelineExecutor, the same worker count as ours):
   1. ParquetReader -> the configured filters -> ParquetWriter(kept) -> MinhashDedupSignature
   2. MinhashDedupBuckets   3. MinhashDedupCluster   4. ParquetReader(kept) -> MinhashDedupFilter -> ParquetWriter
-Language id: datatrove's LanguageFilter downloads a fastText model at run time, so the offline baseline wraps
-`langid` (the library our filter uses) in a LambdaFilter with the same languages and threshold.
+Language id: datatrove's LanguageFilter downloads a fastText model at run time, so the offline baseline runs langid
+(the library and model our filter uses), with the same languages and threshold, as one of two steps (config filter
+name): "langid", stock langid.py in a LambdaFilter (a Python step per byte, about 8 ms a document), or
+"vectorized_langid", our own vectorized classifier (stages/filters/langid.py, imported from the repo, batched as ours
+runs it), so the two sides can be compared with the same language id.
 Word tokenizer (config "tokenizer"): "whitespace" gives the word-tokenizing filters and MinHash str.split words, the
 split our filter uses (the equivalent pipeline: both sides then keep the same documents to within a fraction of a
 percent); "spacy" is datatrove's stock English tokenizer (spaCy's blank `en`, no download), which also counts
 punctuation as words and so drops far more documents under the same Gopher thresholds.
 
 Usage: python bench/datatrove_pipeline.py CONFIG.json  -> prints one JSON line of per-phase times and counts.
+       python bench/datatrove_pipeline.py --rule-verdicts CONFIG.json  -> tools/filter_parity.py's datatrove side:
+       each configured filter on its own over each document of CONFIG's `docs`, one JSON line of results
+       (true: kept; a string: datatrove's drop reason, "error: ..." when the filter raised).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig
@@ -87,6 +94,27 @@ def langid_filter(languages: list[str], min_score: float, max_chars: int) -> Lam
     return LambdaFilter(keep)
 
 
+class VectorizedLangidFilter(BaseFilter):
+    """Our vectorized langid (stages/filters/langid.py, same model and probabilities as stock langid), batched."""
+
+    name = "vectorized langid"
+
+    def __init__(self, languages: list[str], min_score: float, max_chars: int):
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from stages.filters import langid
+        super().__init__(batch_size=langid.LANGID_BATCH)
+        langid.langid_model()  # loaded here, before the workers fork, as langid_filter loads stock langid's model
+        self.identify, self.wanted, self.min_score, self.max_chars = \
+            langid.identify_languages, frozenset(languages), min_score, max_chars
+
+    def filter(self, doc) -> bool:
+        return self.filter_batch([doc])[0]
+
+    def filter_batch(self, batch: list) -> list[bool]:
+        return [lang in self.wanted and prob >= self.min_score
+                for lang, prob in self.identify([doc.text for doc in batch], self.max_chars)]
+
+
 def build_filters(specs: list[dict], tokenizer) -> list:
     """specs: [{"name", "kwargs", "exempt_domains"}] in pipeline order; word-tokenizing filters get `tokenizer`."""
     steps = []
@@ -94,6 +122,8 @@ def build_filters(specs: list[dict], tokenizer) -> list:
         name, kwargs = spec["name"], dict(spec["kwargs"])
         if name == "langid":
             step = langid_filter(**kwargs)
+        elif name == "vectorized_langid":
+            step = VectorizedLangidFilter(**kwargs)
         elif name in HEURISTIC_FILTERS:
             if name in WORD_TOKENIZED:
                 kwargs["language"] = tokenizer
@@ -165,7 +195,31 @@ def run(cfg: dict) -> dict:
     return out
 
 
+def rule_verdicts(cfg: dict) -> dict[str, list]:
+    """{rule: [result per document]} for cfg = {"tokenizer", "docs": [text], "rules": {rule: filter spec}}: each
+    spec's filter alone on a fresh Document (C4 rewrites doc.text), its result True or the drop reason."""
+    tokenizer = "en" if cfg["tokenizer"] == "spacy" else SplitTokenizer()
+    out = {}
+    for rule, spec in cfg["rules"].items():
+        step, = build_filters([{**spec, "exempt_domains": []}], tokenizer)
+        results = []
+        for i, text in enumerate(cfg["docs"]):
+            try:
+                result = step.filter(Document(text=text, id=str(i)))
+            except Exception as exc:  # datatrove divides by zero on documents without words or lines
+                result = f"error: {type(exc).__name__}"
+            if isinstance(result, tuple):
+                result = result[1] if not result[0] else True
+            results.append(result if result is not False else "dropped")
+        out[rule] = results
+    return out
+
+
 def main() -> None:
+    if sys.argv[1] == "--rule-verdicts":
+        cfg = json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))
+        print(json.dumps(rule_verdicts(cfg)))
+        return
     cfg = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     print(json.dumps(run(cfg)))
 

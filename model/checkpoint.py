@@ -9,9 +9,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig
+from model.config import ModelConfig, ModelError
 from model.llama import NanbeigeForCausalLM
-from stages.common import StageError, atomic_path, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -23,16 +22,29 @@ def save_pretrained(model: NanbeigeForCausalLM, out_dir: str | os.PathLike,
     """Write out_dir/model.safetensors (weights cast to `dtype`) and out_dir/config.json, each atomically;
     returns the two paths. With tied embeddings lm_head.weight is left out, as Hugging Face does."""
     if dtype not in _DTYPE_NAMES:
-        raise StageError(f"save_pretrained: dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
+        raise ModelError(f"save_pretrained: dtype {dtype} is not one of {sorted(_DTYPE_NAMES.values())}")
     out_dir = Path(out_dir)
     tensors = {name: t.detach().to(device="cpu", dtype=dtype).contiguous()
                for name, t in model.state_dict().items()
                if not (model.config.tie_word_embeddings and name == "lm_head.weight")}
     weights, config = out_dir / WEIGHTS, out_dir / CONFIG
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json(config, model.config.to_hf_config(dtype=_DTYPE_NAMES[dtype]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _replace_durably(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    text = json.dumps(model.config.to_hf_config(dtype=_DTYPE_NAMES[dtype]), indent=2, sort_keys=True) + "\n"
+    _replace_durably(config, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return [weights, config]
+
+
+def _replace_durably(final: Path, write) -> None:
+    """write(tmp) beside `final`, fsync, rename over it: a reader never sees a half-written checkpoint file."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -42,17 +54,17 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     config_path, weights_path = path / CONFIG, path / WEIGHTS
     for p in (config_path, weights_path):
         if not p.is_file():
-            raise StageError(f"{p}: checkpoint file is missing")
+            raise ModelError(f"{p}: checkpoint file is missing")
     try:
         cfg = ModelConfig.from_hf_config(json.loads(config_path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
-        raise StageError(f"{config_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise ModelError(f"{config_path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     except KeyError as exc:
-        raise StageError(f"{config_path}: missing key {exc}") from None
+        raise ModelError(f"{config_path}: missing key {exc}") from None
     try:
         tensors = load_file(str(weights_path), device=str(device))
     except SafetensorError as exc:
-        raise StageError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+        raise ModelError(f"{weights_path}: unreadable safetensors file ({exc})") from None
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     # Build on the meta device: the stored weights replace the init, so skip computing it.
@@ -64,7 +76,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str = "cpu",
     if expected != got:
         missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-        raise StageError(f"{weights_path}: does not match {config_path}: missing {missing[:5]}, "
+        raise ModelError(f"{weights_path}: does not match {config_path}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_word_embeddings:

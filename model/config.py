@@ -8,10 +8,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from stages.common import StageError
 
-# Keys stage_params() adds to every slice; they are not part of the architecture.
-_SLICE_KEYS = ("seed", "scale")
+
+class ModelError(ValueError):
+    """A model config or checkpoint refused, with a message naming the file or key at fault (model/ imports nothing
+    from stages/, so stages that use the model catch this next to their own StageError)."""
+
+
+# Keys stage_params() adds to every slice, and `kernels` (the ops backend, applied by model.ops.set_kernels):
+# not part of the architecture.
+_SLICE_KEYS = ("seed", "scale", "kernels")
 _FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_range")
 
 
@@ -38,14 +44,14 @@ class ModelConfig:
                      "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise StageError(f"model config: {name} must be a positive int, got {value!r}")
+                raise ModelError(f"model config: {name} must be a positive int, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise StageError(f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+            raise ModelError(f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads}) for GQA")
         if self.head_dim % 2:
-            raise StageError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+            raise ModelError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
-            raise StageError(f"model config: rope_theta and rms_norm_eps must be > 0, "
+            raise ModelError(f"model config: rope_theta and rms_norm_eps must be > 0, "
                              f"got {self.rope_theta!r}, {self.rms_norm_eps!r}")
 
     # ------------------------------------------------------------------------- params.yaml
@@ -57,18 +63,18 @@ class ModelConfig:
         given = {k: v for k, v in d.items() if k not in _SLICE_KEYS}
         unknown = sorted(set(given) - fields)
         if unknown:
-            raise StageError(f"params model: unknown keys {unknown} (known: {sorted(fields)})")
+            raise ModelError(f"params model: unknown keys {unknown} (known: {sorted(fields)})")
         missing = sorted(f.name for f in dataclasses.fields(cls)
                          if f.default is dataclasses.MISSING and f.name not in given)
         if missing:
-            raise StageError(f"params model: missing keys {missing}")
+            raise ModelError(f"params model: missing keys {missing}")
         # YAML reads `5e6` (no dot) as a string; the float knobs accept it.
         for name in _FLOAT_FIELDS:
             if name in given:
                 try:
                     given[name] = float(given[name])
                 except (TypeError, ValueError):
-                    raise StageError(f"params model: {name} must be a number, got {given[name]!r}") from None
+                    raise ModelError(f"params model: {name} must be a number, got {given[name]!r}") from None
         return cls(**given)
 
     # ------------------------------------------------------------------------- Hugging Face config.json
@@ -110,17 +116,17 @@ class ModelConfig:
     def from_hf_config(cls, d: dict) -> ModelConfig:
         """From a Llama config.json; refuses the Llama variants this decoder does not implement."""
         if d.get("model_type", "llama") != "llama":
-            raise StageError(f"config.json: model_type {d.get('model_type')!r} is not 'llama'")
+            raise ModelError(f"config.json: model_type {d.get('model_type')!r} is not 'llama'")
         for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
             if d.get(key, want) != want:
-                raise StageError(f"config.json: {key}={d[key]!r} is not supported (need {want!r})")
+                raise ModelError(f"config.json: {key}={d[key]!r} is not supported (need {want!r})")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise StageError(f"config.json: rope_type {rope_type!r} is not supported (only plain RoPE with ABF)")
+            raise ModelError(f"config.json: rope_type {rope_type!r} is not supported (only plain RoPE with ABF)")
         rope_theta = rope.get("rope_theta", d.get("rope_theta"))
         if rope_theta is None:
-            raise StageError("config.json: no rope_theta (neither top level nor in rope_parameters)")
+            raise ModelError("config.json: no rope_theta (neither top level nor in rope_parameters)")
         heads = d["num_attention_heads"]
         return cls(
             vocab_size=d["vocab_size"],
@@ -164,6 +170,6 @@ def _single_token_id(d: dict, key: str) -> int | None:
     value = d.get(key)
     if isinstance(value, list):
         if len(value) != 1:
-            raise StageError(f"config.json: {key}={value!r}: only a single token id is supported")
+            raise ModelError(f"config.json: {key}={value!r}: only a single token id is supported")
         value = value[0]
     return value

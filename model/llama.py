@@ -1,4 +1,4 @@
-"""The Nanbeige decoder (Llama-style), read top to bottom: norms, attention, MLP, block, model, generate.
+"""The Nanbeige decoder (Llama-style), read top to bottom: KV cache, norms, attention, MLP, block, model.
 
 x = embed(ids); for each layer: x += attn(rms_norm(x)); x += mlp(rms_norm(x)); logits = lm_head(rms_norm(x)).
 Attention is GQA with RoPE (HF rotate_half layout); the MLP is SwiGLU; no biases anywhere.
@@ -17,14 +17,25 @@ from model.config import ModelConfig
 
 class KVCache:
     """Preallocated keys and values for every layer, k and v [n_layers, B, Hkv, max_len, D], and `pos`, the number
-    of positions already written. A forward writes each layer's new keys at [pos, pos + T), then advances pos by T."""
+    of columns already written. A forward writes each layer's new keys at columns [pos, pos + T), then advances pos.
+
+    Ragged batches are left-padded: row b's first pad[b] columns are padding. Its token at column c has RoPE position
+    c - pad[b], and no real query reads a padding key, so a padded row computes what its prompt alone would."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, pad: list[int] | None = None):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self._set_pad([0] * batch_size if pad is None else pad)
+        self.mask: torch.Tensor | None = None
+
+    def _set_pad(self, pad: list[int]) -> None:
+        if len(pad) != self.batch_size or min(pad, default=0) < 0:
+            raise ValueError(f"KVCache: need {self.batch_size} non-negative pad counts, got {pad}")
+        self.pad_list = list(pad)
+        self.pad = torch.tensor(pad, dtype=torch.long, device=self.k.device)
 
     @property
     def batch_size(self) -> int:
@@ -33,6 +44,22 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    @property
+    def ragged(self) -> bool:
+        return any(self.pad_list)
+
+    def begin(self, t: int) -> torch.Tensor:
+        """Prepare a forward of t new columns of a ragged cache (an unpadded one keeps mask None: plain causal
+        attention): set `mask` [B, 1, t, pos + t], what the layers' attention uses, True where a query may read a key
+        (causal, never a padding key, except that a padding query reads itself: no softmax row is empty, so padding
+        columns hold finite values that no real query reads); return the per-row RoPE positions [B, t]."""
+        cols = torch.arange(self.pos + t, device=self.k.device)
+        queries = cols[self.pos:]
+        real_key = cols[None, :] >= self.pad[:, None]
+        self.mask = ((real_key[:, None, :] | (cols[None, None, :] == queries[None, :, None]))
+                     & (cols[None, None, :] <= queries[None, :, None]))[:, None]
+        return (queries[None, :] - self.pad[:, None]).clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's k, v [B, Hkv, T, D] at the current position; return all keys and values so far."""
@@ -45,6 +72,40 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+    def select(self, rows: list[int], max_len: int | None = None) -> "KVCache":
+        """A new cache whose row i is a copy of this cache's row rows[i] (rows may repeat: n samples of one prefill),
+        with the written columns [0, pos) copied and room for max_len columns (default: this cache's max_len)."""
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.pos:
+            raise ValueError(f"KVCache.select: max_len {max_len} < the {self.pos} columns written")
+        out = KVCache.__new__(KVCache)
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        shape = (self.k.shape[0], len(rows), self.k.shape[2], max_len, self.k.shape[4])
+        out.k = self.k.new_zeros(shape)
+        out.v = self.v.new_zeros(shape)
+        out.k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos].index_select(1, index)
+        out.v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos].index_select(1, index)
+        out.pos, out.mask = self.pos, None
+        out._set_pad([self.pad_list[r] for r in rows])
+        return out
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document [B, T]: t minus the start of the run of equal doc_ids holding t."""
+    t = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
+def packed_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query t may read key s: s <= t and both in the same document (block-diagonal
+    causal). Every row holds its diagonal, so no softmax row is empty (padding reads padding, which nobody else
+    reads)."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -69,15 +130,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rotary(q, k, cos, sin)
-        if cache is not None:
+        if cache is None:
+            y = ops.attention(q, k, v, causal=True, mask=mask)
+        else:
             k, v = cache.update(self.layer_idx, k, v)
-        y = ops.attention(q, k, v, causal=True)
+            y = ops.attention(q, k, v, causal=True, mask=cache.mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -104,8 +168,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -162,78 +227,88 @@ class NanbeigeForCausalLM(nn.Module):
         self.config = self.config.with_rope_theta(theta, max_position_embeddings)
         self.reset_rope_cache()
 
-    def _hidden(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden]; with a cache, input_ids continue from position cache.pos."""
+    def _hidden(self, input_ids: torch.Tensor, cache: KVCache | None, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden]; with a cache, input_ids continue at column cache.pos, row b at RoPE
+        position cache.pos - cache.pad[b] (left padding: see KVCache).
+
+        Packed rows (no cache): doc_ids [B, T] gives each position's document (padding: any id of its own, -1 in
+        stages/chat.pack_examples); query t reads key s iff s <= t and doc_ids[s] == doc_ids[t] (block-diagonal
+        causal), and RoPE positions restart at 0 per document (`positions` [B, T] when given, else derived from the
+        runs of doc_ids), so each document computes what it computes alone. Both None: plain causal, positions
+        0..T-1."""
         t = input_ids.shape[1]
-        start = cache.pos if cache is not None else 0
-        if start + t > self.config.max_position_embeddings:
-            raise ValueError(f"positions up to {start + t} exceed max_position_embeddings "
+        if cache is not None and (doc_ids is not None or positions is not None):
+            raise ValueError("doc_ids / positions are for the no-cache (training) forward only")
+        if doc_ids is not None and positions is None:
+            positions = document_positions(doc_ids)
+        start = cache.pos - min(cache.pad_list) if cache is not None else 0
+        end = start + t if positions is None else int(positions.max()) + 1
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {end} exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        if cache is not None and cache.batch_size != input_ids.shape[0]:
+        mask = None if doc_ids is None else packed_causal_mask(doc_ids)
+        if positions is not None:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        elif cache is None:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        elif cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"KVCache batch {cache.batch_size} != input batch {input_ids.shape[0]}")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        elif cache.ragged:
+            positions = cache.begin(t)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            cos, sin = self.rope_cos[cache.pos:cache.pos + t], self.rope_sin[cache.pos:cache.pos + t]
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for input_ids [B, T] (continuing the cache's positions when one is given)."""
-        return self.lm_head(self._hidden(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for input_ids [B, T] (continuing the cache's positions when one is given); with
+        last_only, the logits [B, vocab] of the last position alone (decoding needs no others). doc_ids / positions:
+        packed rows (see _hidden)."""
+        h = self._hidden(input_ids, cache, doc_ids, positions)
+        return self.lm_head(h[:, -1] if last_only else h)
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+             doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy in fp32, L = -1/|M| sum_{t in M} log softmax(logits_t)[labels_t], where
-        labels are already aligned (labels[t] is the target for position t) and M = {t : labels_t != ignore_index}."""
-        return ops.linear_cross_entropy(self._hidden(input_ids, None), self.lm_head.weight, labels, ignore_index)
+        labels are already aligned (labels[t] is the target for position t) and M = {t : labels_t != ignore_index}.
+        doc_ids / positions: packed rows (see _hidden)."""
+        return ops.linear_cross_entropy(self._hidden(input_ids, None, doc_ids, positions), self.lm_head.weight,
+                                        labels, ignore_index)
 
-    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def token_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
         """log p(targets_t | input_ids_<=t) in fp32, [B, T] (targets aligned as `loss`'s labels), never keeping the
-        [B, T, vocab] log-softmax beyond the LM-head op (fused kernels chunk it away)."""
-        return ops.linear_token_logprobs(self._hidden(input_ids, None), self.lm_head.weight, targets)
+        [B, T, vocab] log-softmax beyond the LM-head op (fused kernels chunk it away). doc_ids / positions: packed
+        rows, where <=t means the earlier positions of t's own document (see _hidden)."""
+        return ops.linear_token_logprobs(self._hidden(input_ids, None, doc_ids, positions), self.lm_head.weight,
+                                         targets)
 
-    def topk_logprobs(self, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k most likely next tokens at every position: (log-probs [B, T, k] fp32, token ids [B, T, k])."""
-        return ops.linear_topk_logprobs(self._hidden(input_ids, None), self.lm_head.weight, k)
+    def topk_logprobs(self, input_ids: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely next tokens at every position: (log-probs [B, T, k] fp32, token ids [B, T, k]).
+        doc_ids / positions: packed rows (see _hidden)."""
+        return ops.linear_topk_logprobs(self._hidden(input_ids, None, doc_ids, positions), self.lm_head.weight, k)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue a batch of prompts; returns [B, T + n_new] (the prompts, then the new tokens).
-
-        Prompts must all have the same length T (no padding: every row shares positions and the KV cache).
-        temperature == 0 is greedy decoding; otherwise sample from softmax(logits / temperature) restricted to the
-        top-p nucleus. After a row emits eos_token_id it keeps emitting it; generation stops when every row has."""
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if max_new_tokens <= 0:
-            return input_ids
+                 eos_token_id: int | None = None, seeds: list[int] | None = None) -> torch.Tensor:
+        """Continue a batch of same-length prompts [B, T] through the generation engine (model.generate); returns
+        [B, T + n], n the most tokens any row generated. Row b samples with seed seeds[b] (default b); a row that
+        emitted eos_token_id is filled with it up to n. Ragged prompts, stop strings and log-probs: model.generate."""
+        from model.generate import Request, SamplingParams, generate
         b, t = input_ids.shape
-        cache = KVCache(self.config, b, t + max_new_tokens, device=input_ids.device, dtype=self.lm_head.weight.dtype)
-        h = self._hidden(input_ids, cache)[:, -1]
-        finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        out = [input_ids]
-        for step in range(max_new_tokens):
-            token = _sample(self.lm_head(h).float(), temperature, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                finished |= token == eos_token_id
-            out.append(token[:, None])
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
-                break
-            h = self._hidden(token[:, None], cache)[:, -1]
-        return torch.cat(out, dim=1)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from fp32 logits [B, V]: argmax at temperature 0, else a draw from the top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token once the more likely ones already hold top_p of the mass (the first is always kept).
-        sorted_probs[(sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        seeds = list(range(b)) if seeds is None else seeds
+        params = SamplingParams(max_new_tokens, temperature, top_p,
+                                stop_token_ids=() if eos_token_id is None else (eos_token_id,))
+        out = generate(self, [Request(row, (seed,)) for row, seed in zip(input_ids.tolist(), seeds)], params,
+                       batch_size=b)
+        new = [c.token_ids for (c,) in out]
+        n = max(map(len, new), default=0)
+        return torch.cat([input_ids, torch.tensor([ids + [eos_token_id] * (n - len(ids)) for ids in new],
+                                                  dtype=input_ids.dtype, device=input_ids.device).view(b, n)], dim=1)

@@ -1,22 +1,26 @@
-# Data curation: raw corpus -> filter -> dedup -> hybrid quality scoring -> selection -> FG-WSD plan.
+# Data curation: raw corpus -> filter -> dedup -> hybrid quality scoring -> selection, and the data funnel.
 # Per-shard rules fan out one job per input unit; global rules see only small per-shard summaries.
-from stages.ingest import list_units
+from stages.dedup import band_ranges
+from stages.ingest import list_units, unit_files
 
 INPUT_DIR = stage_params(config, "ingest")["input_dir"]
 UNITS = {name: str(path) for name, path in list_units(INPUT_DIR).items()}
 SHARDS = sorted(UNITS)
+# dedup's LSH index is sharded by band: one edges job per band range, then one merge
+BAND_RANGES = band_ranges(stage_params(config, "filter")["minhash"]["bands"], stage_params(config, "dedup")["band_shards"])
 
 
 rule ingest:
     input:
-        lambda w: UNITS[w.shard],
+        unit=lambda w: [str(p) for p in unit_files(Path(UNITS[w.shard]))],  # every file of a directory unit
+        code=code_inputs("stages.ingest"),
     output:
         shard=f"{A}/ingest/{{shard}}.parquet",
         quarantine=f"{A}/ingest/quarantine/{{shard}}.parquet",
         manifest=f"{A}/ingest/{{shard}}.manifest.json",
     params:
         cfg=slices("ingest"),
-        cli=f"--input-dir {INPUT_DIR} --output-dir {A}/ingest",
+        cli=cli(f"--input-dir {INPUT_DIR}", output_dir=path_of("output", "shard", up=1)),
     log:
         f"{LOGS}/ingest/{{shard}}.log",
     benchmark:
@@ -30,7 +34,8 @@ rule ingest:
 
 rule filter:
     input:
-        f"{A}/ingest/{{shard}}.parquet",
+        shard=rules.ingest.output.shard,
+        code=code_inputs("stages.filter"),
     output:
         kept=f"{A}/filter/kept/{{shard}}.parquet",
         rejected=f"{A}/filter/rejected/{{shard}}.parquet",
@@ -38,7 +43,7 @@ rule filter:
         manifest=f"{A}/filter/{{shard}}.manifest.json",
     params:
         cfg=slices("filter"),
-        cli=f"--input-dir {A}/ingest --output-dir {A}/filter",
+        cli=cli(input_dir=path_of("input", "shard", up=1), output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/filter/{{shard}}.log",
     benchmark:
@@ -50,15 +55,42 @@ rule filter:
         "python -m stages.filter --params-json {params.cfg:q} {params.cli} --shard {wildcards.shard} 2> {log}"
 
 
+rule dedup_edges:
+    input:
+        sigs=expand(rules.filter.output.sigs, shard=SHARDS),
+        code=code_inputs("stages.dedup"),
+    output:
+        edges=f"{A}/dedup_edges/{{bands}}.parquet",
+        manifest=f"{A}/dedup_edges/{{bands}}.manifest.json",
+    wildcard_constraints:
+        bands=r"\d+-\d+",
+    params:
+        cfg=slices("dedup"),
+        cli=cli("edges", sigs_dir=path_of("input", "sigs", up=1), output_dir=path_of("output", "edges", up=1)),
+    log:
+        f"{LOGS}/dedup_edges/{{bands}}.log",
+    benchmark:
+        f"{BENCH}/dedup_edges/{{bands}}.tsv",
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python -m stages.dedup --params-json {params.cfg:q} {params.cli} --bands {wildcards.bands} 2> {log}"
+
+
 rule dedup_index:
     input:
-        expand(f"{A}/filter/sigs/{{shard}}.parquet", shard=SHARDS),
+        sigs=expand(rules.filter.output.sigs, shard=SHARDS),
+        edges=expand(rules.dedup_edges.output.edges, bands=BAND_RANGES),
+        edge_manifests=expand(rules.dedup_edges.output.manifest, bands=BAND_RANGES),
+        code=code_inputs("stages.dedup"),
     output:
         duplicates=f"{A}/dedup_index/duplicates.parquet",
         manifest=f"{A}/dedup_index/manifest.json",
     params:
         cfg=slices("dedup"),
-        cli=f"index --sigs-dir {A}/filter/sigs --output-dir {A}/dedup_index",
+        cli=cli("merge", sigs_dir=path_of("input", "sigs", up=1), edges_dir=path_of("input", "edges", up=1),
+                output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/dedup_index.log",
     benchmark:
@@ -72,15 +104,17 @@ rule dedup_index:
 
 rule dedup:
     input:
-        kept=f"{A}/filter/kept/{{shard}}.parquet",
+        kept=rules.filter.output.kept,
         index=rules.dedup_index.output.duplicates,
+        code=code_inputs("stages.dedup"),
     output:
         kept=f"{A}/dedup/kept/{{shard}}.parquet",
         rejected=f"{A}/dedup/rejected/{{shard}}.parquet",
         manifest=f"{A}/dedup/{{shard}}.manifest.json",
     params:
         cfg=slices("dedup"),
-        cli=f"apply --input-dir {A}/filter/kept --index {A}/dedup_index/duplicates.parquet --output-dir {A}/dedup",
+        cli=cli("apply", input_dir=path_of("input", "kept", up=1), index=path_of("input", "index"),
+            output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/dedup/{{shard}}.log",
     benchmark:
@@ -95,7 +129,8 @@ rule dedup:
 rule quality_model:
     input:
         seed="data/reference/seed.jsonl",
-        corpus=expand(f"{A}/dedup/kept/{{shard}}.parquet", shard=SHARDS),
+        corpus=expand(rules.dedup.output.kept, shard=SHARDS),
+        code=code_inputs("stages.quality_model"),
     output:
         classifier=f"{A}/quality_model/classifier.npz",
         retrieval=f"{A}/quality_model/retrieval.npz",
@@ -103,7 +138,8 @@ rule quality_model:
         manifest=f"{A}/quality_model/manifest.json",
     params:
         cfg=slices("quality_model"),
-        cli=f"--seed-file data/reference/seed.jsonl --corpus-dir {A}/dedup/kept --output-dir {A}/quality_model",
+        cli=cli(seed_file=path_of("input", "seed"), corpus_dir=path_of("input", "corpus", up=1),
+            output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/quality_model.log",
     benchmark:
@@ -117,14 +153,18 @@ rule quality_model:
 
 rule score:
     input:
-        kept=f"{A}/dedup/kept/{{shard}}.parquet",
+        kept=rules.dedup.output.kept,
+        classifier=rules.quality_model.output.classifier,
+        retrieval=rules.quality_model.output.retrieval,
         model=rules.quality_model.output.manifest,
+        code=code_inputs("stages.score"),
     output:
         scored=f"{A}/score/{{shard}}.parquet",
         manifest=f"{A}/score/{{shard}}.manifest.json",
     params:
         cfg=slices("score"),
-        cli=f"--input-dir {A}/dedup/kept --model-dir {A}/quality_model --output-dir {A}/score",
+        cli=cli(input_dir=path_of("input", "kept", up=1), model_dir=path_of("input", "model", up=1),
+            output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/score/{{shard}}.log",
     benchmark:
@@ -138,7 +178,8 @@ rule score:
 
 rule select:
     input:
-        expand(f"{A}/score/{{shard}}.parquet", shard=SHARDS),
+        scored=expand(rules.score.output.scored, shard=SHARDS),
+        code=code_inputs("stages.select"),
     output:
         pool=directory(f"{A}/select/pool"),
         rejected=directory(f"{A}/select/rejected"),
@@ -146,7 +187,7 @@ rule select:
         manifest=f"{A}/select/manifest.json",
     params:
         cfg=slices("select"),
-        cli=f"--input-dir {A}/score --output-dir {A}/select",
+        cli=cli(input_dir=path_of("input", "scored", up=1), output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/select.log",
     benchmark:
@@ -158,41 +199,21 @@ rule select:
         "python -m stages.select --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
-rule schedule:
-    input:
-        rules.select.output.buckets,
-    output:
-        plan=f"{A}/schedule/plan.json",
-        manifest=f"{A}/schedule/manifest.json",
-    params:
-        cfg=slices("schedule"),
-        cli=f"--buckets {A}/select/buckets.json --output-dir {A}/schedule",
-    log:
-        f"{LOGS}/schedule.log",
-    benchmark:
-        f"{BENCH}/schedule/schedule.tsv",
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "python -m stages.schedule --params-json {params.cfg:q} {params.cli} 2> {log}"
-
-
 rule funnel:
     input:
-        ingest=expand(f"{A}/ingest/{{shard}}.manifest.json", shard=SHARDS),
-        filter=expand(f"{A}/filter/{{shard}}.manifest.json", shard=SHARDS),
-        dedup=expand(f"{A}/dedup/{{shard}}.manifest.json", shard=SHARDS),
-        score=expand(f"{A}/score/{{shard}}.parquet", shard=SHARDS),
-        select=rules.select.output.manifest,
+        ingest=expand([rules.ingest.output.shard, rules.ingest.output.quarantine], shard=SHARDS),
+        filter=expand([rules.filter.output.kept, rules.filter.output.rejected], shard=SHARDS),
+        dedup=expand([rules.dedup.output.kept, rules.dedup.output.rejected], shard=SHARDS),
+        score=expand(rules.score.output.scored, shard=SHARDS),
+        select=[rules.select.output.pool, rules.select.output.rejected],
         quality=rules.quality_model.output.metrics,
-        plan=rules.schedule.output.plan,
+        code=code_inputs("stages.funnel"),
     output:
         funnel=f"{A}/funnel/funnel.json",
         live=directory("dvclive/data"),
     params:
         cfg=slices("funnel"),
-        cli=f"--artifacts {A} --output-dir {A}/funnel --live-dir dvclive/data",
+        cli=cli(f"--artifacts {A}", output_dir=path_of("output", "funnel", up=1), live_dir=path_of("output", "live")),
     log:
         f"{LOGS}/funnel.log",
     benchmark:

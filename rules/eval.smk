@@ -1,21 +1,32 @@
 # Evaluation of every checkpoint in the DAG, then the report card.
-# To evaluate another checkpoint, add one line to EVAL_CHECKPOINTS: name -> checkpoint directory.
+# To evaluate another checkpoint, add one line to EVAL_CHECKPOINTS: name -> checkpoint directory (its prompt format,
+# benchmarks and generation length are stated in params evaluate.per_checkpoint; names not there: the defaults).
+from stages.evaluate import checkpoint_inputs
+
 EVAL_CHECKPOINTS = {
     "base": f"{A}/pretrain/final",
     **{f"phase_{name}": f"{A}/pretrain/phases/{name}" for name in PHASES},
 }
 CHECKPOINTS_ARG = ",".join(f"{name}={path}" for name, path in EVAL_CHECKPOINTS.items())
+EVAL_DATA = "data/eval"
+EVAL_SLICE = stage_params(config, "evaluate")
+# benchmark data roots: the shipped eval sets, and the tasks stage's held-out ladder (entries with `root: tasks`)
+EVAL_ROOTS = {"eval": Path(EVAL_DATA), "tasks": Path(f"{A}/tasks")}
 
 
 rule evaluate:
     input:
-        lambda w: f"{EVAL_CHECKPOINTS[w.ckpt]}/model.safetensors",
+        checkpoint=lambda w: f"{EVAL_CHECKPOINTS[w.ckpt]}/model.safetensors",
+        data=lambda w: [str(f) for f in checkpoint_inputs(EVAL_SLICE, w.ckpt, EVAL_ROOTS)],
+        code=code_inputs("stages.evaluate"),
     output:
         metrics=f"{A}/eval/{{ckpt}}/metrics.json",
+        scores=f"{A}/eval/{{ckpt}}/scores.json",
         manifest=f"{A}/eval/{{ckpt}}/manifest.json",
     params:
         cfg=slices("evaluate"),
-        cli=f"--checkpoints {CHECKPOINTS_ARG} --data-root data/eval --output-dir {A}/eval",
+        cli=cli(f"--checkpoints {CHECKPOINTS_ARG} --data-root {EVAL_DATA} --tasks-dir {A}/tasks",
+                output_dir=path_of("output", "metrics", up=2)),
     log:
         f"{LOGS}/evaluate/{{ckpt}}.log",
     benchmark:
@@ -32,10 +43,14 @@ rule evaluate:
 rule report:
     input:
         evals=expand(f"{A}/eval/{{ckpt}}/metrics.json", ckpt=EVAL_CHECKPOINTS),
+        scores=expand(f"{A}/eval/{{ckpt}}/scores.json", ckpt=EVAL_CHECKPOINTS),
         funnel=rules.funnel.output.funnel,
         pretrain=rules.pretrain.output.manifest,
         pretrain_live=rules.pretrain.output.live,
         plan=rules.schedule.output.plan,
+        paper="data/paper_results.yaml",
+        ablation=files_if_present(f"ablation/{SCALE}/results.json"),
+        code=code_inputs("stages.report"),
     output:
         report=report(f"{A}/report/report.md", category="Report card"),
         funnel_png=report(f"{A}/report/data_funnel.png", category="Report card"),
@@ -44,8 +59,9 @@ rule report:
         live=directory("dvclive/eval"),
     params:
         cfg=slices("report"),
-        cli=(f"--artifacts {A} --checkpoints {','.join(EVAL_CHECKPOINTS)} --output-dir {A}/report"
-             f" --live-dir dvclive/eval --benchmarks-dir {BENCH} --ablation ablation/{SCALE}/results.json"),
+        cli=cli(f"--artifacts {A} --checkpoints {','.join(EVAL_CHECKPOINTS)} --benchmarks-dir {BENCH}",
+            output_dir=path_of("output", "report", up=1), live_dir=path_of("output", "live"),
+            pretrain_live=path_of("input", "pretrain_live"), ablation=path_of("input", "ablation")),
     log:
         f"{LOGS}/report.log",
     benchmark:

@@ -1,4 +1,4 @@
-# Tokenizer + packed token streams per bucket, then FG-WSD pretraining to a base checkpoint.
+# Tokenizer + packed token streams per bucket, the FG-WSD plan over them, then pretraining to a base checkpoint.
 # Resources scale with the profile so `snakemake --profile profiles/slurm` requests what each scale needs.
 PHASES = [phase["name"] for phase in stage_params(config, "schedule")["phases"]]
 RESOURCES = {
@@ -14,13 +14,15 @@ RESOURCES = {
 rule tokenize:
     input:
         pool=rules.select.output.pool,
-        heldout="data/heldout",
+        heldout=sorted(map(str, Path("data/heldout").glob("*.jsonl"))),  # what stages.tokenize reads of --heldout
+        code=code_inputs("stages.tokenize"),
     output:
         manifest=f"{A}/tokenize/manifest.json",
         tokenizer=f"{A}/tokenize/tokenizer/tokenizer.json",
     params:
         cfg=slices("tokenize"),
-        cli=f"--pool-dir {A}/select/pool --heldout data/heldout --output-dir {A}/tokenize",
+        cli=cli(pool_dir=path_of("input", "pool"), heldout=path_of("input", "heldout", up=1),
+            output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/tokenize.log",
     benchmark:
@@ -32,10 +34,34 @@ rule tokenize:
         "python -m stages.tokenize --params-json {params.cfg:q} {params.cli} 2> {log}"
 
 
+rule schedule:
+    input:
+        buckets=rules.select.output.buckets,
+        tokens=rules.tokenize.output.manifest,  # the real tokens per bucket stream
+        code=code_inputs("stages.schedule"),
+    output:
+        plan=f"{A}/schedule/plan.json",
+        manifest=f"{A}/schedule/manifest.json",
+    params:
+        cfg=slices("schedule"),
+        cli=cli(buckets=path_of("input", "buckets"), tokens_manifest=path_of("input", "tokens"),
+            output_dir=path_of("output", "manifest", up=1)),
+    log:
+        f"{LOGS}/schedule.log",
+    benchmark:
+        f"{BENCH}/schedule/schedule.tsv",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m stages.schedule --params-json {params.cfg:q} {params.cli} 2> {log}"
+
+
 rule pretrain:
     input:
         plan=rules.schedule.output.plan,
         tokens=rules.tokenize.output.manifest,
+        code=code_inputs("stages.pretrain"),
     output:
         final=f"{A}/pretrain/final/model.safetensors",
         phases=expand(f"{A}/pretrain/phases/{{name}}/model.safetensors", name=PHASES),
@@ -43,8 +69,8 @@ rule pretrain:
         live=directory("dvclive/pretrain"),
     params:
         cfg=slices("pretrain", "model"),
-        cli=(f"--plan {A}/schedule/plan.json --tokens-dir {A}/tokenize --output-dir {A}/pretrain"
-             f" --resume-dir checkpoints/{SCALE}/pretrain"),
+        cli=cli(f"--resume-dir checkpoints/{SCALE}/pretrain", plan=path_of("input", "plan"),
+            tokens_dir=path_of("input", "tokens", up=1), output_dir=path_of("output", "manifest", up=1)),
     log:
         f"{LOGS}/pretrain.log",
     benchmark:

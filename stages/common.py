@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gzip
 import hashlib
 import json
@@ -54,19 +55,40 @@ def load_params(path: str | os.PathLike = REPO / "params.yaml") -> dict:
     scale = params.get("scale")
     if scale not in SCALES:
         raise StageError(f"{path}: scale must be one of {SCALES}, got {scale!r}")
+    validate_params(params, path)
     return params
+
+
+def validate_params(params: dict, path: str | os.PathLike) -> None:
+    """params.yaml against schemas/params.schema.yaml (what the Snakefile checks at DAG load), so a stage run by
+    DVC refuses a mistyped key or a wrong type too, naming its dotted path, instead of applying a default."""
+    import jsonschema
+    schema = yaml.safe_load((REPO / "schemas" / "params.schema.yaml").read_text(encoding="utf-8"))
+    lines = []
+    for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(params):
+        where = [str(k) for k in e.absolute_path]
+        if e.validator == "additionalProperties":  # name the mistyped key itself: pretrain.sequence_len
+            known = set(e.schema.get("properties", {}))
+            lines += [f"{path}: {'.'.join([*where, str(k)])}: unknown key" for k in e.instance if k not in known]
+        else:
+            lines.append(f"{path}: {'.'.join(where) or '(top level)'}: {e.message}")
+    if lines:
+        raise StageError("\n".join(sorted(lines)))
 
 
 def stage_params(params: dict, stage: str) -> dict:
     """The slice a stage reads: `params[stage]` overlaid with `params.scales[scale][stage]`, plus seed and scale.
 
-    Each rule passes exactly this slice, so Snakemake and DVC rerun a stage exactly when it changes.
+    The seed is the top-level `seed` unless the stage section sets its own (a seed ablation varies `pretrain.seed`
+    and reruns pretraining only). Each rule passes exactly this slice, so Snakemake and DVC rerun a stage exactly
+    when it changes.
     """
     scale = params["scale"]
     base = params.get(stage, {}) or {}
     override = (params.get("scales", {}).get(scale, {}) or {}).get(stage, {}) or {}
     out = deep_merge(base, override)
-    out["seed"] = params.get("seed", 0)
+    if out.get("seed") is None:
+        out["seed"] = params.get("seed", 0)
     out["scale"] = scale
     return out
 
@@ -96,6 +118,74 @@ def code_version(*modules: str) -> str:
     for name in sorted({"stages.common", *modules}):
         mod = sys.modules.get(name) or __import__(name, fromlist=["_"])
         h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# Top-level import packages of this repo and their folders (pyproject's package-dir): the code whose version keys
+# a stage's outputs and resume state. kernels/ is imported as nanbeige_kernels (HF's hub owns the name `kernels`).
+REPO_PACKAGES = {"stages": "stages", "model": "model", "nanbeige_kernels": "kernels/nanbeige_kernels"}
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of repo module `name` (a package's __init__.py), or None when it is not a file here."""
+    top, *rest = name.split(".")
+    base = REPO.joinpath(REPO_PACKAGES[top], *rest)
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imported_names(path: Path, name: str) -> set[str]:
+    """Every module name `path` (module `name`) imports anywhere, lazy imports in function bodies included; for
+    `from a import b` both `a` and `a.b` (b may be a submodule); relative imports resolved against `name`."""
+    import ast
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def repo_imports(*modules: str) -> list[Path]:
+    """Repo-relative source files of `modules` and of every module of REPO_PACKAGES they import, transitively
+    (static imports found by `ast`, including lazy ones inside functions, and each module's parent package
+    __init__.py); sorted. Imports by string (importlib) are not seen. The DAG declares these files as a rule's code
+    inputs; code_version_closure hashes them."""
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in REPO_PACKAGES:
+            continue
+        path = _module_file(name)
+        if path is None:
+            if name in modules:
+                raise StageError(f"repo_imports: {name!r} is not a module of this repo")
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += sorted(_imported_names(path, name))
+    return sorted(p.relative_to(REPO) for p in set(seen.values()))
+
+
+@functools.cache
+def code_version_closure(*modules: str) -> str:
+    """Hash of (repo-relative path, bytes) of every file in repo_imports(*modules): changes when any code the
+    modules import from this repo changes, and only then (not with the checkout's location). Computed once per
+    process: the version of the code the process runs, even if a file is edited while it runs."""
+    h = hashlib.sha256()
+    for rel in repo_imports(*modules):
+        h.update(str(rel).encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -163,10 +253,11 @@ def iter_batches(path: str | os.PathLike, columns: list[str] | None = None,
 
 def iter_jsonl(path: str | os.PathLike, text_field: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line of a JSON-lines file (gzip when it ends in .gz).
+    A UTF-8 byte-order mark opening the file is not part of the first record (utf-8-sig).
     A line that is not a JSON object, or lacks a string `text_field`, is a StageError naming file and line."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -1,12 +1,30 @@
-"""Exact and MinHash near-duplicate removal over the whole corpus: a global index, then a per-shard apply.
+"""Exact and MinHash near-duplicate removal over the whole corpus: a band-sharded index, its merge, a per-shard apply.
 
-`index` (global, stage dedup_index): filter/sigs/*.parquet -> dedup_index/duplicates.parquet + manifest.json.
-  Nodes are the kept documents of every shard. Edges: the same exact_hash (normalized text), or a shared LSH band
-  hash (a candidate pair) whose estimated Jaccard J^(a, b) = mean_k [h_k(a) == h_k(b)] >= dedup.verify_min_jaccard
-  (verification needs the full signatures in sigs; verify_min_jaccard: null takes every candidate pair). Clusters are
-  the connected components (union-find). Each cluster keeps one document, the longest (most approx_tokens), ties by
-  smallest (id, shard, row); every other member is listed as exact_dup (same exact_hash as the kept one) or near_dup.
-  Memory holds signatures only, never texts.
+Documents are the rows of filter/sigs/*.parquet in (shard name, row) order; document i is the i-th of them.
+
+`edges --bands LO-HI` (stage dedup_edges, one job per band range, named LO-HI as by band_ranges: bands LO..HI-1):
+  filter/sigs -> dedup_edges/LO-HI.parquet + LO-HI.manifest.json (every range of dedup.band_shards when
+  --bands is omitted). Two documents are an LSH candidate pair when one band of LO..HI-1 hashes them alike; with
+  b bands of r rows each, a pair of Jaccard similarity J is a candidate (over all bands) with probability
+  P(candidate | J) = 1 - (1 - J^r)^b  (b = 14, r = 8: 0.5 at J = 0.685, 0.57 at 0.7, 0.92 at 0.8, 0.99 at 0.85).
+  Bounded work per bucket: the members of a bucket, in document order, are each compared with at most the
+  `dedup.bucket_window` members just before them (a sliding window: at most window * (n - 1) pairs for n members
+  instead of n (n - 1) / 2; consecutive windows still chain a large bucket together); a bucket of more than
+  window + 1 members counts in buckets_capped. A candidate pair is a verified edge when its estimated Jaccard
+  J^(a, b) = mean_k [h_k(a) == h_k(b)] >= dedup.verify_min_jaccard (null: every candidate pair). Every verified edge
+  is written, (a, b) with a < b, sorted. Memory bound: 8 * (HI - LO) + 17 bytes per document (band keys, mask,
+  index) and ~40 more while one band is bucketed, 4 * num_perm bytes per document in some candidate pair, ~40 bytes
+  per candidate pair; signatures are read one Parquet batch at a time, and only the `bands` and `minhash` columns.
+`merge` (stage dedup_index): filter/sigs + the edges of every range of dedup.band_shards -> duplicates.parquet +
+  manifest.json. Connected components (scipy.sparse.csgraph: what union-find computes) over all verified edges and
+  the exact edges (same exact_hash of the normalized text): a chain a~c, b~c with a !~ b is one component. Each
+  component keeps one document, the longest (most approx_tokens), ties by smallest id, then earliest in document
+  order; every other member is one row with its reason: rule exact_dup (same exact_hash as the kept one) or
+  near_dup, the kept document (id, shard, row) and the component size. The output depends only on the union of the
+  edges, so it is byte-identical however the bands are split into ranges. Memory bound: per document its id and
+  exact_hash (Arrow strings, ~90 bytes) and ~50 bytes of numbers (tokens, rows, labels), 16 bytes per edge; no
+  signatures.
+`index`: `edges` (every range, into <output-dir>/edges) then `merge`, in one process (the single-job path).
 `apply` (per shard, stage dedup): filter/kept/<shard>.parquet + duplicates.parquet -> dedup/kept, dedup/rejected
   (rule exact_dup | near_dup, detail "duplicate of <kept_id>"), dedup/<shard>.manifest.json, written last.
 """
@@ -27,24 +45,25 @@ import pyarrow.parquet as pq
 from stages import common
 
 STAGE = "dedup"
+EDGES_STAGE = "dedup_edges"
 INDEX_STAGE = "dedup_index"
 RULES = ("exact_dup", "near_dup")
+EDGES_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
 DUPLICATES_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("row", pa.int64()),
-                               ("rule", pa.string()), ("kept_id", pa.string()), ("kept_shard", pa.string())])
+                               ("rule", pa.string()), ("kept_id", pa.string()), ("kept_shard", pa.string()),
+                               ("kept_row", pa.int64()), ("component_size", pa.int64())])
+# Candidate pairs verified per vectorized step: bounds the (chunk, num_perm) comparison temporaries (~30 MB at 112).
+VERIFY_CHUNK = 1 << 16
 
 
-# ----------------------------------------------------------------------------- signatures in memory
+# ----------------------------------------------------------------------------- signatures, streamed
 
-class Signatures:
-    """The sigs of every shard, column-wise: id, shard, row, approx_tokens, exact_hash, band hashes (N, bands)
-    with a mask of documents that have them, and optionally the full MinHash signatures (N, num_perm)."""
+class SigsShards:
+    """The filter/sigs shards in document order: paths, row offsets, and the MinHash params they all share."""
 
-    def __init__(self, sigs_dir: str | Path, with_signatures: bool):
+    def __init__(self, sigs_dir: str | Path, columns: list[str]):
         self.files = [Path(sigs_dir) / f"{name}.parquet" for name in common.list_shards(sigs_dir)]
-        columns = ["id", "shard", "row", "approx_tokens", "exact_hash", "bands"]
-        columns += ["minhash"] if with_signatures else []
         self.minhash_params = None
-        ids, shards, rows, tokens, exact, bands, has_bands, minhash = [], [], [], [], [], [], [], []
         for path in self.files:
             schema = pq.read_schema(path)
             missing = [c for c in columns if c not in schema.names]
@@ -58,42 +77,27 @@ class Signatures:
             elif params != self.minhash_params:
                 raise common.StageError(f"{path}: MinHash params {params} differ from {self.files[0]}'s "
                                         f"{self.minhash_params}: signatures are not comparable")
-            table = pq.read_table(path, columns=columns)
-            if set(table.column("shard").unique().to_pylist()) - {path.stem}:
-                raise common.StageError(f"{path}: its `shard` column does not name this shard ({path.stem})")
-            ids += table.column("id").to_pylist()
-            shards += [path.stem] * table.num_rows
-            rows.append(table.column("row").to_numpy())
-            tokens.append(table.column("approx_tokens").to_numpy())
-            exact += table.column("exact_hash").to_pylist()
-            b, has = _matrix(table.column("bands"), self.minhash_params["bands"], path, "bands")
-            bands.append(b)
-            has_bands.append(has)
-            if with_signatures:
-                minhash.append(_matrix(table.column("minhash"), self.minhash_params["num_perm"], path, "minhash")[0])
-        self.ids, self.shards, self.exact = ids, shards, exact
-        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
-        n_bands = self.minhash_params["bands"] if self.minhash_params else 0
-        self.bands = np.concatenate(bands).astype(np.uint64) if bands else np.zeros((0, n_bands), np.uint64)
-        self.has_bands = np.concatenate(has_bands) if has_bands else np.zeros(0, bool)
-        self.minhash = np.concatenate(minhash) if minhash else None
+        if self.minhash_params is None:
+            raise common.StageError(f"{self.files[0]}: sigs shard records no MinHash params")
+        self.offsets = np.cumsum([0] + [common.count_rows(path) for path in self.files])
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.offsets[-1])
 
-    def keep_key(self, i: int) -> tuple:
-        """The cluster keeps the document with the smallest key: the longest, then smallest (id, shard, row)."""
-        return -int(self.tokens[i]), self.ids[i], self.shards[i], int(self.rows[i])
+    def batches(self, columns: list[str]):
+        """(path, first document index, record batch) over every shard in document order."""
+        for path, start in zip(self.files, self.offsets):
+            for batch in common.iter_record_batches(path, columns=columns):
+                yield path, int(start), batch
+                start += len(batch)
 
-    def jaccard(self, i: int, j: int) -> float:
-        """Estimated Jaccard similarity of two documents' shingle sets: the fraction of equal MinHash values."""
-        return float(np.mean(self.minhash[i] == self.minhash[j]))
+    def shard_of(self, docs: np.ndarray) -> np.ndarray:
+        """Index into `files` of each document's shard."""
+        return np.searchsorted(self.offsets, docs, side="right") - 1
 
 
-def _matrix(column: pa.ChunkedArray, width: int, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _matrix(array: pa.Array, width: int, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A list column whose lists are all `width` long or empty -> ((N, width) matrix, non-empty mask)."""
-    array = column.combine_chunks()
     lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
     if not np.isin(lengths, (0, width)).all():
         raise common.StageError(f"{path}: column {name} holds lists of lengths {sorted(set(lengths.tolist()))}, "
@@ -105,109 +109,229 @@ def _matrix(column: pa.ChunkedArray, width: int, path: Path, name: str) -> tuple
     return matrix, has
 
 
-# ----------------------------------------------------------------------------- clustering
+# ----------------------------------------------------------------------------- band ranges
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> bool:
-        ri, rj = self.find(i), self.find(j)
-        if ri == rj:
-            return False
-        self.parent[max(ri, rj)] = min(ri, rj)
-        return True
+def band_ranges(n_bands: int, band_shards: int) -> list[str]:
+    """Names "LO-HI" of `band_shards` contiguous ranges of bands 0..n_bands-1 (LO..HI-1), sizes differing by at most
+    one, e.g. (14, 2) -> ["00-07", "07-14"]: the edge shards' file names, and the rules' wildcard values."""
+    if not 1 <= band_shards <= n_bands:
+        raise common.StageError(f"params {STAGE}.band_shards: {band_shards} must be between 1 and the {n_bands} bands")
+    bounds = [n_bands * k // band_shards for k in range(band_shards + 1)]
+    return [f"{lo:02d}-{hi:02d}" for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def _buckets(keys: np.ndarray, members: np.ndarray):
-    """Groups of two or more `members` (ascending) that share a key."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys, sorted_members = keys[order], members[order]
+def parse_bands(name: str, n_bands: int) -> tuple[int, int]:
+    """"LO-HI" -> (LO, HI), the half-open range of bands LO..HI-1, checked against the signatures' band count."""
+    try:
+        lo, hi = (int(x) for x in name.split("-"))
+    except ValueError:
+        raise common.StageError(f"--bands {name!r}: expected LO-HI, e.g. 00-07 (bands 0..6)") from None
+    if not 0 <= lo < hi <= n_bands:
+        raise common.StageError(f"--bands {name!r}: need 0 <= LO < HI <= {n_bands} (the signatures' bands)")
+    return lo, hi
+
+
+def edge_paths(edges_dir: str | Path, n_bands: int, band_shards: int) -> list[Path]:
+    """The edge shards of every range of `band_shards`, in band order."""
+    return [Path(edges_dir) / f"{name}.parquet" for name in band_ranges(n_bands, band_shards)]
+
+
+def edge_manifest_path(edges_path: str | Path) -> Path:
+    edges_path = Path(edges_path)
+    return edges_path.with_name(f"{edges_path.stem}.manifest.json")
+
+
+# ----------------------------------------------------------------------------- edges of a band range
+
+def window_pairs(keys: np.ndarray, docs: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Candidate pairs of one band: `docs` (ascending) sharing a key, each member of a bucket paired with the
+    `window` members before it. Returns (a, b) with a < b, and the bucket statistics."""
+    order = np.argsort(keys, kind="stable")  # stable: docs stay ascending within a bucket
+    sorted_keys = keys[order]
     starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-    ends = np.append(starts[1:], len(sorted_keys))
-    for lo, hi in zip(starts[ends - starts >= 2], ends[ends - starts >= 2]):
-        yield sorted_members[lo:hi].tolist()
+    sizes = np.diff(np.append(starts, len(keys)))
+    multi = sizes >= 2
+    stats = {"buckets": int(multi.sum()), "buckets_capped": int((sizes > window + 1).sum()),
+             "largest_bucket": int(sizes.max(initial=0))}
+    # Only members of buckets of two or more; bucket ids tell consecutive buckets apart.
+    members = docs[order][np.repeat(multi, sizes)]
+    bucket = np.repeat(np.arange(int(multi.sum())), sizes[multi])
+    a, b = [], []
+    for offset in range(1, min(window, stats["largest_bucket"] - 1) + 1):
+        same = bucket[:-offset] == bucket[offset:]
+        a.append(members[:-offset][same])
+        b.append(members[offset:][same])
+    empty = np.zeros(0, np.int64)
+    return np.concatenate(a) if a else empty, np.concatenate(b) if b else empty, stats
 
 
-def duplicate_clusters(sigs: Signatures, verify_min_jaccard: float | None) -> tuple[UnionFind, dict]:
-    """Union-find over exact-hash groups and (verified) LSH candidate pairs; returns it with pair statistics."""
-    uf = UnionFind(len(sigs))
-    first_with_hash: dict[str, int] = {}
-    for i, h in enumerate(sigs.exact):
-        uf.union(first_with_hash.setdefault(h, i), i)
-
-    stats = Counter(near_pairs_joined=0, near_pairs_below_jaccard=0)
-    similar: dict[tuple[int, int], bool] = {}
-
-    def is_similar(j: int, i: int) -> bool:
-        if verify_min_jaccard is None:
-            return True
-        if (j, i) not in similar:
-            similar[(j, i)] = sigs.jaccard(i, j) >= verify_min_jaccard
-            stats["near_pairs_below_jaccard"] += not similar[(j, i)]
-        return similar[(j, i)]
-
-    members = np.flatnonzero(sigs.has_bands)
-    for band in range(sigs.bands.shape[1]):
-        for bucket in _buckets(sigs.bands[members, band], members):
-            for k, i in enumerate(bucket[1:], start=1):
-                # Join i to the first earlier member it is similar to; nothing to check once they share a cluster.
-                for j in bucket[:k]:
-                    if uf.find(i) == uf.find(j):
-                        break
-                    if is_similar(j, i):
-                        uf.union(i, j)
-                        stats["near_pairs_joined"] += 1
-                        break
-    return uf, dict(stats)
+def candidate_pairs(sigs: SigsShards, lo: int, hi: int, window: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Unique candidate pairs (a < b, sorted) of bands lo..hi-1, from the `bands` column streamed batch by batch."""
+    n, n_bands = len(sigs), sigs.minhash_params["bands"]
+    keys = np.zeros((n, hi - lo), np.uint64)
+    has = np.zeros(n, bool)
+    for path, start, batch in sigs.batches(["bands"]):
+        matrix, present = _matrix(batch.column("bands"), n_bands, path, "bands")
+        keys[start:start + len(batch)] = matrix[:, lo:hi]
+        has[start:start + len(batch)] = present
+    docs = np.flatnonzero(has)
+    stats = Counter(buckets=0, buckets_capped=0)
+    largest, pairs = 0, np.zeros(0, np.int64)
+    for band in range(hi - lo):
+        a, b, band_stats = window_pairs(keys[docs, band], docs, window)
+        largest = max(largest, band_stats.pop("largest_bucket"))
+        stats.update(band_stats)
+        pairs = np.union1d(pairs, a * n + b)  # one int64 per pair: n^2 < 2^63 up to 3e9 documents
+    return pairs // max(n, 1), pairs % max(n, 1), {**stats, "largest_bucket": largest}
 
 
-def duplicates_table(sigs: Signatures, uf: UnionFind) -> tuple[pa.Table, dict]:
-    """One row per removed document (sorted by shard, row) and the cluster statistics."""
-    roots = np.fromiter((uf.find(i) for i in range(len(sigs))), np.int64, len(sigs))
-    clusters: dict[int, list[int]] = {}
-    for i, root in enumerate(roots.tolist()):
-        clusters.setdefault(root, []).append(i)
-    rows = []
-    sizes: Counter = Counter()
-    for members in clusters.values():
-        if len(members) < 2:
-            continue
-        sizes[len(members)] += 1
-        kept = min(members, key=sigs.keep_key)
-        for i in members:
-            if i != kept:
-                rule = "exact_dup" if sigs.exact[i] == sigs.exact[kept] else "near_dup"
-                rows.append({"id": sigs.ids[i], "shard": sigs.shards[i], "row": int(sigs.rows[i]), "rule": rule,
-                             "kept_id": sigs.ids[kept], "kept_shard": sigs.shards[kept]})
-    rows.sort(key=lambda r: (r["shard"], r["row"]))
-    by_rule = Counter(r["rule"] for r in rows)
-    stats = {"docs": len(sigs), "clusters": sum(sizes.values()), "duplicates": len(rows),
-             **{rule: by_rule[rule] for rule in RULES},
-             "largest_cluster": max(sizes, default=0),
-             "cluster_sizes": {str(size): n for size, n in sorted(sizes.items())}}
-    return common.rows_to_table(rows, DUPLICATES_SCHEMA), stats
+def verified(sigs: SigsShards, a: np.ndarray, b: np.ndarray, min_jaccard: float) -> np.ndarray:
+    """Mask of the pairs with estimated Jaccard >= min_jaccard; holds the signatures of paired documents only."""
+    num_perm = sigs.minhash_params["num_perm"]
+    need = np.union1d(a, b)
+    minhash = np.zeros((len(need), num_perm), np.uint32)
+    for path, start, batch in sigs.batches(["minhash"]):
+        first, last = np.searchsorted(need, [start, start + len(batch)])
+        if last > first:
+            matrix = _matrix(batch.column("minhash"), num_perm, path, "minhash")[0]
+            minhash[first:last] = matrix[need[first:last] - start]
+    ia, ib = np.searchsorted(need, a), np.searchsorted(need, b)
+    keep = np.zeros(len(a), bool)
+    for lo in range(0, len(a), VERIFY_CHUNK):
+        hi = lo + VERIFY_CHUNK
+        keep[lo:hi] = (minhash[ia[lo:hi]] == minhash[ib[lo:hi]]).sum(axis=1) / num_perm >= min_jaccard
+    return keep
+
+
+def band_edges(sigs_dir: str | Path, bands: str, edges_dir: str | Path, p: dict) -> dict:
+    """Write edges_dir/<bands>.parquet, the verified edges of the band range `bands` ("LO-HI"), and its manifest;
+    returns the manifest."""
+    verify = p["verify_min_jaccard"]
+    sigs = SigsShards(sigs_dir, ["bands"] + (["minhash"] if verify is not None else []))
+    lo, hi = parse_bands(bands, sigs.minhash_params["bands"])
+    if int(p["bucket_window"]) < 1:
+        raise common.StageError(f"params {STAGE}.bucket_window: {p['bucket_window']} must be at least 1")
+    a, b, stats = candidate_pairs(sigs, lo, hi, int(p["bucket_window"]))
+    keep = np.ones(len(a), bool) if verify is None else verified(sigs, a, b, verify)
+    output_path = Path(edges_dir) / f"{lo:02d}-{hi:02d}.parquet"
+    common.write_table(output_path, pa.table({"a": a[keep], "b": b[keep]}, schema=EDGES_SCHEMA))
+    counts = {"docs": len(sigs), **stats, "candidate_pairs": len(a), "near_edges": int(keep.sum()),
+              "near_pairs_below_jaccard": int((~keep).sum())}
+    return common.write_manifest(edge_manifest_path(output_path), stage=EDGES_STAGE, params=p, inputs=sigs.files,
+                                 outputs=[output_path], counts=counts, code=common.code_version(f"stages.{STAGE}"),
+                                 extra={"minhash": sigs.minhash_params, "bands": [lo, hi]})
+
+
+# ----------------------------------------------------------------------------- merge: components
+
+def read_edge_shards(sigs: SigsShards, edge_paths: list[Path], p: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All verified edges (unique, a < b) of ranges that cover every band once, built from these sigs and params."""
+    sig_hashes = sorted((path.name, common.sha256_file(path)) for path in sigs.files)
+    manifests = []
+    for path in edge_paths:
+        m = common.read_manifest(edge_manifest_path(path))
+        if m is None or m.get("stage") != EDGES_STAGE:
+            raise common.StageError(f"{edge_manifest_path(path)}: edge shard manifest missing or unreadable")
+        if m["params_hash"] != common.params_hash(p):
+            raise common.StageError(f"{path}: built with other {STAGE} params ({m['params']})")
+        built_from = sorted((Path(k).name, v) for k, v in m["inputs"].items())
+        if built_from != sig_hashes or m["minhash"] != sigs.minhash_params:
+            raise common.StageError(f"{path}: built from other signatures than {sigs.files[0].parent}")
+        manifests.append((tuple(m["bands"]), path, m["counts"]))
+    manifests.sort(key=lambda m: (m[0], str(m[1])))
+    covered = [band for (lo, hi), _, _ in manifests for band in range(lo, hi)]
+    if covered != list(range(sigs.minhash_params["bands"])):
+        raise common.StageError(f"edge shards cover bands {[r for r, _, _ in manifests]}: need every band of "
+                                f"0..{sigs.minhash_params['bands'] - 1} exactly once")
+    # Summed over ranges: each band is in one range; a pair that is a candidate in two ranges counts twice.
+    stats = Counter()
+    for _, _, range_counts in manifests:
+        stats.update({k: range_counts[k] for k in ("buckets", "buckets_capped", "candidate_pairs",
+                                                   "near_pairs_below_jaccard")})
+    stats["largest_bucket"] = max(range_counts["largest_bucket"] for _, _, range_counts in manifests)
+    tables = [pq.read_table(path) for _, path, _ in manifests]
+    a = np.concatenate([t.column("a").to_numpy() for t in tables])
+    b = np.concatenate([t.column("b").to_numpy() for t in tables])
+    pairs = np.unique(a * len(sigs) + b)  # a pair may be verified in two ranges: once is enough
+    stats["near_edges"] = len(pairs)
+    return pairs // max(len(sigs), 1), pairs % max(len(sigs), 1), dict(stats)
+
+
+def component_representatives(labels: np.ndarray, sizes: np.ndarray, tokens: np.ndarray,
+                              ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(removed documents ascending, the kept document of each): a component of two or more keeps its first member
+    by (most approx_tokens, smallest id, earliest in document order)."""
+    members = np.flatnonzero(sizes[labels] >= 2)
+    order = pc.sort_indices(pa.table({"label": labels[members], "neg_tokens": -tokens[members],
+                                      "id": ids.take(pa.array(members)), "doc": members}),
+                            sort_keys=[(k, "ascending") for k in ("label", "neg_tokens", "id", "doc")]).to_numpy()
+    by_rank = members[order]
+    first = np.ones(len(by_rank), bool)
+    first[1:] = labels[by_rank][1:] != labels[by_rank][:-1]
+    kept_of = np.full(len(sizes), -1, np.int64)
+    kept_of[labels[by_rank[first]]] = by_rank[first]
+    removed = members[kept_of[labels[members]] != members]
+    return removed, kept_of[labels[removed]]
+
+
+def merge_edges(sigs_dir: str | Path, edge_paths: list[str | Path], output_dir: str | Path, p: dict) -> dict:
+    """Connected components over exact and verified near edges -> duplicates.parquet; returns the manifest."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    out, edge_paths = Path(output_dir), [Path(e) for e in edge_paths]
+    sigs = SigsShards(sigs_dir, ["id", "shard", "row", "approx_tokens", "exact_hash"])
+    n = len(sigs)
+    near_a, near_b, edge_stats = read_edge_shards(sigs, edge_paths, p)
+    ids, exact, rows, tokens = [], [], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for path, _, batch in sigs.batches(["id", "shard", "row", "approx_tokens", "exact_hash"]):
+        if set(pc.unique(batch.column("shard")).to_pylist()) - {path.stem}:
+            raise common.StageError(f"{path}: its `shard` column does not name this shard ({path.stem})")
+        ids.append(batch.column("id"))
+        exact.append(batch.column("exact_hash"))
+        rows.append(batch.column("row").to_numpy())
+        tokens.append(batch.column("approx_tokens").to_numpy())
+    ids = pa.chunked_array(ids, pa.string()).combine_chunks()
+    rows, tokens = np.concatenate(rows), np.concatenate(tokens)
+    codes = pc.dictionary_encode(pa.chunked_array(exact, pa.string()).combine_chunks()).indices.to_numpy()
+    del exact
+    first_with_hash = np.unique(codes, return_index=True)[1][codes]  # codes are 0..k-1, so [1] is indexed by code
+    exact_b = np.flatnonzero(first_with_hash != np.arange(n))
+
+    a, b = np.concatenate([first_with_hash[exact_b], near_a]), np.concatenate([exact_b, near_b])
+    _, labels = connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)
+    sizes = np.bincount(labels)
+    removed, kept = component_representatives(labels, sizes, tokens, ids)
+    shard_names = np.array([path.stem for path in sigs.files], dtype=object)
+    rule = np.where(codes[removed] == codes[kept], "exact_dup", "near_dup")
+    table = pa.table({"id": ids.take(pa.array(removed)), "shard": shard_names[sigs.shard_of(removed)].tolist(),
+                      "row": rows[removed], "rule": rule.tolist(), "kept_id": ids.take(pa.array(kept)),
+                      "kept_shard": shard_names[sigs.shard_of(kept)].tolist(), "kept_row": rows[kept],
+                      "component_size": sizes[labels[removed]].astype(np.int64)}, schema=DUPLICATES_SCHEMA)
+    common.write_table(out / "duplicates.parquet", table)
+
+    cluster_sizes = Counter(sizes[sizes >= 2].tolist())
+    stats = {"docs": n, "clusters": int((sizes >= 2).sum()), "duplicates": len(removed),
+             **{r: int((rule == r).sum()) for r in RULES}, "exact_edges": len(exact_b),
+             "largest_cluster": int(sizes[sizes >= 2].max(initial=0)),
+             "cluster_sizes": {str(size): k for size, k in sorted(cluster_sizes.items())}, **edge_stats}
+    return common.write_manifest(out / "manifest.json", stage=INDEX_STAGE, params=p,
+                                 inputs=[*sigs.files, *edge_paths, *map(edge_manifest_path, edge_paths)],
+                                 outputs=[out / "duplicates.parquet"], counts=stats,
+                                 code=common.code_version(f"stages.{STAGE}"),
+                                 extra={"minhash": sigs.minhash_params, "band_ranges": len(edge_paths)})
+
+
+def all_band_edges(sigs_dir: str | Path, edges_dir: str | Path, p: dict) -> list[Path]:
+    """The edges of every range of dedup.band_shards, one after the other; returns their paths."""
+    n_bands = SigsShards(sigs_dir, []).minhash_params["bands"]
+    for name in band_ranges(n_bands, int(p["band_shards"])):
+        band_edges(sigs_dir, name, edges_dir, p)
+    return edge_paths(edges_dir, n_bands, int(p["band_shards"]))
 
 
 def dedup_index(sigs_dir: str | Path, output_dir: str | Path, p: dict) -> dict:
-    """Build duplicates.parquet from every shard's signatures; returns the manifest (stats under counts)."""
-    out = Path(output_dir)
-    verify = p.get("verify_min_jaccard")
-    sigs = Signatures(sigs_dir, with_signatures=verify is not None)
-    uf, pair_stats = duplicate_clusters(sigs, verify)
-    table, stats = duplicates_table(sigs, uf)
-    common.write_table(out / "duplicates.parquet", table)
-    return common.write_manifest(out / "manifest.json", stage=INDEX_STAGE, params=p, inputs=sigs.files,
-                                 outputs=[out / "duplicates.parquet"], counts={**stats, **pair_stats},
-                                 code=common.code_version(f"stages.{STAGE}"),
-                                 extra={"minhash": sigs.minhash_params})
+    """The single-job path: every range's edges into output_dir/edges, then the merge."""
+    return merge_edges(sigs_dir, all_band_edges(sigs_dir, Path(output_dir) / "edges", p), output_dir, p)
 
 
 # ----------------------------------------------------------------------------- apply per shard
@@ -302,15 +426,23 @@ def dedup_shards(input_dir: str | Path, index_path: str | Path, output_dir: str 
 def main() -> None:
     ap = common.base_parser(__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    index = sub.add_parser("index", help="build dedup_index/duplicates.parquet from filter/sigs")
-    index.add_argument("--sigs-dir", required=True, help="artifacts/<scale>/filter/sigs")
+    index = sub.add_parser("index", help="edges of every band range, then the merge, in one process")
     index.add_argument("--output-dir", required=True, help="artifacts/<scale>/dedup_index")
+    edges = sub.add_parser("edges", help="verified LSH edges of a band range (one job per range)")
+    edges.add_argument("--output-dir", required=True, help="artifacts/<scale>/dedup_edges")
+    edges.add_argument("--bands", default=None, help="one range LO-HI (bands LO..HI-1, a name from band_ranges); "
+                                                     "every range of dedup.band_shards when omitted")
+    merge = sub.add_parser("merge", help="connected components over every range's edges -> duplicates.parquet")
+    merge.add_argument("--edges-dir", required=True, help="artifacts/<scale>/dedup_edges")
+    merge.add_argument("--output-dir", required=True, help="artifacts/<scale>/dedup_index")
+    for parser in (index, edges, merge):
+        parser.add_argument("--sigs-dir", required=True, help="artifacts/<scale>/filter/sigs")
     apply = sub.add_parser("apply", help="drop the listed duplicates from filter/kept shards")
     apply.add_argument("--input-dir", required=True, help="artifacts/<scale>/filter/kept")
     apply.add_argument("--index", required=True, help="artifacts/<scale>/dedup_index/duplicates.parquet")
     apply.add_argument("--output-dir", required=True, help="artifacts/<scale>/dedup")
     apply.add_argument("--shard", default=None, help="one shard name (file stem); all shards when omitted")
-    for parser in (index, apply):
+    for parser in (index, edges, merge, apply):
         # --params / --params-json may follow the subcommand too; SUPPRESS keeps the top-level value otherwise.
         parser.add_argument("--params", default=argparse.SUPPRESS, help="params.yaml to resolve by its `scale`")
         parser.add_argument("--params-json", default=argparse.SUPPRESS, help="resolved slices as JSON, {stage: slice}")
@@ -319,6 +451,13 @@ def main() -> None:
         p = common.resolve_cli_params(args, STAGE)
         if args.command == "index":
             dedup_index(args.sigs_dir, args.output_dir, p)
+        elif args.command == "edges" and args.bands:
+            band_edges(args.sigs_dir, args.bands, args.output_dir, p)
+        elif args.command == "edges":
+            all_band_edges(args.sigs_dir, args.output_dir, p)
+        elif args.command == "merge":
+            n_bands = SigsShards(args.sigs_dir, []).minhash_params["bands"]
+            merge_edges(args.sigs_dir, edge_paths(args.edges_dir, n_bands, int(p["band_shards"])), args.output_dir, p)
         else:
             dedup_shards(args.input_dir, args.index, args.output_dir, p, args.shard)
     except common.StageError as exc:

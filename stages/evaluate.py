@@ -2,26 +2,36 @@ r"""Evaluate: a checkpoint -> metrics JSON + per-sample verdicts, under the pape
 
 Protocol (RECIPE.md): temperature 0.6, top-p 0.95, n samples per problem (avg@8 for AIME-style sets, avg@3
 elsewhere). Each (benchmark, problem, sample) has its own seed, sha256(seed/benchmark/problem/sample), and its own
-torch.Generator, so a sample does not depend on which others share its batch (up to float rounding). Prompts are
-batched by token length (our decoder shares positions across a batch, so no padding), the samples of a problem
-share one prefill, and decoding runs through the model's KV cache.
+torch.Generator, so a sample does not depend on which others share its batch (up to float rounding). Generation is
+the shared engine's (model.generate): ragged batches through one KV cache, the samples of a problem sharing one
+prefill, ending at a stop token (cfg stop_tokens) or a stop string of the prompt format (cfg stop_strings).
+
+Per checkpoint (checkpoint_params): evaluate.per_checkpoint.<name> may set its prompt_format (post-trained
+checkpoints: chat, their ChatML template with the assistant turn opened), its run (benchmarks: the ladder for base
+and the post-trained ones) and max_new_tokens; a checkpoint not named there takes the evaluate defaults (phase
+checkpoints: plain text). The format used is written into every benchmark's metrics and the manifest.
 
 Metrics per benchmark, over P problems with n samples each, c_p of them correct (score > 0.5):
   avg@k  = 1/P sum_p 1/n sum_i score_{p,i}                      (k = n: the paper's avg@8 / avg@3)
   pass@k = 1/P sum_p [1 - C(n - c_p, k) / C(n, k)]              (Chen et al. 2021, unbiased; k = 1 and k = n)
 computed as the product 1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms a large binomial.
+Each metric has a 95% interval over problems (stages.eval_stats): Wilson when n = 1 and scores are 0/1, else a
+seeded bootstrap over problems (evaluate.bootstrap_resamples), since the n samples of one problem are not independent.
 
 Benchmarks are entries in params (`evaluate.benchmarks.<name>`: a plugin + its local data, paths relative to
 --data-root); plugins (PLUGINS): math (MATH/AIME/GSM8K-style, configurable field names; tiny_math is one),
 mcq (GPQA/SuperGPQA-style letters), humaneval (sandboxed `check(candidate)`), bfcl (AST match against
 possible_answer), judge (Arena-Hard-style pairwise win rate, read from a judge checkpoint's P("A") vs P("B"),
-both answer orders). Loaders read local files only (jsonl[.gz] / json / parquet / `datasets` saved to disk).
+both answer orders), ladder (the tasks stage's held-out math / code splits, graded per level; entry `root: tasks`
+resolves its path against --tasks-dir). Loaders read local files only (jsonl[.gz] / json / parquet / `datasets`).
 
-Outputs in --output-dir: metrics.json ({benchmark: {"avg@k", "pass@1", "pass@k", "n_problems", "k"}}),
+Outputs in --output-dir: metrics.json ({benchmark: {"avg@k", "pass@1", "pass@k", "<metric>:ci95_low",
+"<metric>:ci95_high", "ci95_method", "n_problems", "k", "prompt_format", ["by_level": {level: the same}]}}),
+scores.json ({benchmark: {problem id: mean score over its samples}}: the report's paired comparisons),
 samples/<benchmark>.jsonl (prompt, completion, verdict per sample), manifest.json (last).
 
     python -m stages.evaluate --params params.yaml --checkpoint DIR --output-dir DIR \
-        [--benchmarks tiny_math,humaneval,bfcl] [--data-root data/eval]
+        [--benchmarks tiny_math,humaneval,bfcl] [--data-root data/eval] [--tasks-dir artifacts/tiny/tasks]
 
 Interop with lm-evaluation-harness: our checkpoints are Hugging Face Llama checkpoints (config.json +
 model.safetensors + tokenizer files), so `lm_eval --model hf` loads them with transformers unchanged. lm-eval is
@@ -34,7 +44,6 @@ a dev dependency (not a pipeline one; tests/test_lm_eval.py runs it); our local 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -46,7 +55,10 @@ from typing import Callable
 
 import torch
 
-from stages import common
+import model as engine
+from model.config import ModelError
+from stages import common, eval_stats
+from stages.tasks import cut_at_first_answer, format_prompt
 from stages.verifiers import (SandboxLimits, VerifierResult, humaneval_program, strip_reasoning,
                               verify_choice, verify_code_batch, verify_math, verify_tool_calls)
 
@@ -73,21 +85,28 @@ def avg_at_k(scores: list[list[float]]) -> float:
     return sum(sum(s) / len(s) for s in scores) / len(scores)
 
 
-def summarize(scores: list[list[float]]) -> dict:
-    """The metrics of one benchmark from per-problem sample scores (correct means score > 0.5)."""
+def summarize(scores: list[list[float]], resamples: int, seed: int) -> dict:
+    """The metrics of one benchmark from per-problem sample scores (correct means score > 0.5), each with its 95%
+    interval (`<metric>:ci95_low`, `<metric>:ci95_high`; stages.eval_stats): Wilson over problems when each problem
+    has one 0/1 sample, else a bootstrap over problems of the per-problem value (mean score, c/n, pass@n)."""
     n = len(scores[0])
     if any(len(s) != n for s in scores):
         raise ValueError("every problem needs the same number of samples")
     correct = [sum(x > 0.5 for x in s) for s in scores]
-    return {"avg@k": avg_at_k(scores), "k": n, "n_problems": len(scores),
-            "pass@1": sum(pass_at_k(n, c, 1) for c in correct) / len(scores),
-            "pass@k": sum(pass_at_k(n, c, n) for c in correct) / len(scores)}
+    per_problem = {"avg@k": [sum(s) / n for s in scores], "pass@1": [pass_at_k(n, c, 1) for c in correct],
+                   "pass@k": [pass_at_k(n, c, n) for c in correct]}
+    bernoulli = n == 1 and all(s[0] in (0.0, 1.0) for s in scores)
+    out = {"avg@k": avg_at_k(scores), "k": n, "n_problems": len(scores),
+           "pass@1": sum(per_problem["pass@1"]) / len(scores), "pass@k": sum(per_problem["pass@k"]) / len(scores)}
+    for metric, values in per_problem.items():
+        (out[f"{metric}:ci95_low"], out[f"{metric}:ci95_high"]), out["ci95_method"] = eval_stats.accuracy_interval(
+            values, bernoulli, resamples, seed)
+    return out
 
 
 def sample_seed(seed: int, benchmark: str, problem_id: str, sample: int) -> int:
     """The seed of one sample: the first 63 bits of sha256("seed/benchmark/problem/sample")."""
-    digest = hashlib.sha256(f"{seed}/{benchmark}/{problem_id}/{sample}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return eval_stats.derived_seed(seed, benchmark, problem_id, sample)
 
 
 # ============================================================================ local data
@@ -135,12 +154,14 @@ def _field(row: dict, name: str, path: Path, index: int):
 class Plugin:
     """A kind of benchmark: load(cfg, data_root) -> problems (each with "id"); messages(problem, cfg) -> the chat
     prompt; verify(problems, completions, cfg) -> one VerifierResult per completion. plain(problem, cfg), when
-    given, is the prompt for prompt_format=plain (a base model); else the messages' contents are joined."""
+    given, is the prompt for prompt_format=plain (a base model); else the messages' contents are joined. level(problem),
+    when given, is the problem's difficulty level: the metrics then also hold `by_level`, the same metrics per level."""
     load: Callable[[dict, Path], list[dict]]
     messages: Callable[[dict, dict], list[dict]]
     verify: Callable[[list[dict], list[str], dict], list[VerifierResult]]
     plain: Callable[[dict, dict], str] | None = None
     data_files: Callable[[dict, Path], list[Path]] | None = None
+    level: Callable[[dict], int] | None = None
 
 
 PLUGINS: dict[str, Plugin] = {}
@@ -307,10 +328,10 @@ def _load_judge(cfg: dict, data_root: Path) -> list[dict]:
             raise common.StageError(f"{path}: {len(missing)} questions have no `reference` answer and "
                                     f"evaluate.benchmarks.<name>.reference_checkpoint is not set")
         model, tok = load_checkpoint(cfg["reference_checkpoint"], cfg)
-        jobs = [GenerationJob(render_prompt(tok, [{"role": "user", "content": p["question"]}], None, cfg), 0)
-                for p in missing]
-        outputs = generate(model, tok, jobs, {**cfg, "temperature": 0.0}, desc="reference answers")
-        for p, out in zip(missing, outputs):
+        requests = [engine.Request(render_prompt(tok, [{"role": "user", "content": p["question"]}], None, cfg))
+                    for p in missing]
+        outputs = generate(model, tok, requests, {**cfg, "temperature": 0.0})
+        for p, (out,) in zip(missing, outputs):
             p["reference"] = out.text
     return problems
 
@@ -360,21 +381,57 @@ PLUGINS["judge"] = Plugin(
     data_files=_judge_files,
 )
 
+LADDER_FIELDS = {"math": ("id", "level", "template_id", "prompt", "answer"),
+                 "code": ("id", "level", "template_id", "prompt", "statement", "test", "entry_point")}
+
+
+def _load_ladder(cfg: dict, data_root: Path) -> list[dict]:
+    """A held-out split of the task ladder (stages.tasks: math_heldout / code_heldout parquet), level by level; inside a
+    level the templates take turns, so the first `max_per_level` problems of a level (null: all) cover its templates."""
+    path = _resolve(data_root, cfg["path"])
+    by_level: dict[int, dict[str, list[dict]]] = {}
+    for i, row in enumerate(read_records(path)):
+        domain = _field(row, "domain", path, i)
+        if domain not in LADDER_FIELDS:
+            raise common.StageError(f"{path}: record {i + 1}: domain must be math or code, got {domain!r}")
+        for key in LADDER_FIELDS[domain]:
+            _field(row, key, path, i)
+        by_level.setdefault(row["level"], {}).setdefault(row["template_id"], []).append(row)
+    cap = cfg.get("max_per_level")
+    problems = []
+    for level in sorted(by_level):
+        templates = list(by_level[level].values())
+        turns = [rows[i] for i in range(max(map(len, templates))) for rows in templates if i < len(rows)]
+        problems += turns if cap is None else turns[:int(cap)]
+    return problems
+
+
+def _verify_ladder(problems: list[dict], completions: list[str], cfg: dict) -> list[VerifierResult]:
+    """Math: verify_math on the first final answer (a plain-format completion is first cut after its first `#### x`
+    line, stages.tasks.cut_at_first_answer); code: the task's public + hidden tests in the sandbox (HumanEval
+    protocol)."""
+    plain = cfg["prompt_format"] == "plain"
+    results: list[VerifierResult | None] = [None] * len(problems)
+    code = [i for i, p in enumerate(problems) if p["domain"] == "code"]
+    for i, verdict in zip(code, _verify_humaneval([problems[i] for i in code], [completions[i] for i in code], cfg)):
+        results[i] = verdict
+    for i, p in enumerate(problems):
+        if p["domain"] == "math":
+            text = cut_at_first_answer(completions[i]) if plain else completions[i]
+            results[i] = verify_math(text, p["answer"], float(cfg["sympy_timeout_s"]))
+    return results
+
+
+PLUGINS["ladder"] = Plugin(
+    load=_load_ladder,
+    messages=lambda p, cfg: format_prompt(p, "chat"),
+    plain=lambda p, cfg: format_prompt(p, "plain"),
+    verify=_verify_ladder,
+    level=lambda p: int(p["level"]),
+)
+
 
 # ============================================================================ generation
-
-@dataclass(frozen=True)
-class GenerationJob:
-    prompt_ids: list[int]
-    seed: int
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    n_tokens: int
-    finished: bool      # stopped on a stop token (else ran out of max_new_tokens)
-
 
 def _device(cfg: dict) -> torch.device:
     return torch.device(cfg.get("device", "cpu"))
@@ -418,65 +475,24 @@ def render_prompt(tok, messages: list[dict], plain: str | None, cfg: dict) -> li
     return tok.encode(text, add_special_tokens=False)
 
 
-def _sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
-                 generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row, each row drawn with its own generator (the decoder's top-p sampler, row by row)."""
-    from model.llama import _sample
-    return torch.cat([_sample(logits[i:i + 1], temperature, top_p, g) for i, g in enumerate(generators)])
+def sampling_params(tok, cfg: dict) -> engine.SamplingParams:
+    """The engine's sampling settings from cfg: max_new_tokens, temperature, top_p, stop_tokens (each a single token
+    of the tokenizer) and the stop strings of the prompt format (cfg stop_strings[prompt_format]: a base model's
+    "\nProblem:" ends its answer before it writes the next problem; chat ends at <|im_end|>)."""
+    return engine.SamplingParams(int(cfg["max_new_tokens"]), float(cfg["temperature"]), float(cfg["top_p"]),
+                                 stop_token_ids=tuple(_single_token(tok, t) for t in cfg["stop_tokens"]),
+                                 stop_strings=tuple(cfg["stop_strings"][cfg["prompt_format"]]))
 
 
-@torch.inference_mode()
-def generate(model, tok, jobs: list[GenerationJob], cfg: dict, desc: str = "generate") -> list[Generation]:
-    """Complete every job: jobs of equal prompt length are batched (up to cfg batch_size) and decoded through
-    one KV cache; a row stops at a stop token (cfg stop_tokens) or after min(max_new_tokens, context - prompt)
-    new tokens. A prompt keeps at most its last context - min(max_new_tokens, context / 2) tokens."""
-    from tqdm import tqdm
-
-    from model import KVCache
-    max_new = int(cfg["max_new_tokens"])
+def generate(model, tok, requests: list[engine.Request], cfg: dict) -> list[list[engine.Completion]]:
+    """Complete every request (a prompt and the seeds of its samples) with the engine, cfg batch_size rows at a time;
+    result[r][i] is request r's sample with seed i. A prompt keeps at most its last context - min(max_new_tokens,
+    context / 2) tokens; a completion ends at a stop or after min(max_new_tokens, context - prompt) tokens."""
     context = model.config.max_position_embeddings
-    keep = context - min(max_new, context // 2)
-    stop_ids = [_single_token(tok, t) for t in cfg["stop_tokens"]]
-    prompts = [job.prompt_ids[-keep:] for job in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: (len(prompts[i]), i))
-    batches, size = [], int(cfg["batch_size"])
-    for i in order:
-        if batches and len(batches[-1]) < size and len(prompts[batches[-1][0]]) == len(prompts[i]):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    device, dtype = _device(cfg), model.lm_head.weight.dtype
-    temperature, top_p = float(cfg["temperature"]), float(cfg["top_p"])
-    results: list[Generation | None] = [None] * len(jobs)
-    for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=None):
-        ids = torch.tensor([prompts[i] for i in batch], device=device)
-        budget = min(max_new, context - ids.shape[1])
-        generators = [torch.Generator(device=device).manual_seed(jobs[i].seed) for i in batch]
-        # Samples of one problem share their prompt: prefill each distinct prompt once, then copy its keys/values.
-        distinct, rows = torch.unique(ids, dim=0, return_inverse=True)
-        prefill = KVCache(model.config, len(distinct), ids.shape[1], device=device, dtype=dtype)
-        logits = model(distinct, prefill)[:, -1].float()[rows]
-        cache = KVCache(model.config, len(batch), ids.shape[1] + budget, device=device, dtype=dtype)
-        cache.k[:, :, :, :ids.shape[1]] = prefill.k[:, rows]
-        cache.v[:, :, :, :ids.shape[1]] = prefill.v[:, rows]
-        cache.advance(ids.shape[1])
-        new = torch.empty(len(batch), budget, dtype=torch.long, device=device)
-        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        stops = torch.tensor(stop_ids, device=device)
-        steps = 0
-        while steps < budget:
-            token = _sample_rows(logits, temperature, top_p, generators)
-            new[:, steps] = token
-            steps += 1
-            done |= torch.isin(token, stops)
-            if bool(done.all()) or steps == budget:
-                break
-            logits = model(token[:, None], cache)[:, -1].float()
-        for row, i in enumerate(batch):
-            tokens = new[row, :steps].tolist()
-            end = next((j for j, t in enumerate(tokens) if t in stop_ids), len(tokens))
-            results[i] = Generation(tok.decode(tokens[:end], skip_special_tokens=False), end, end < len(tokens))
-    return results
+    keep = context - min(int(cfg["max_new_tokens"]), context // 2)
+    requests = [engine.Request(list(r.prompt_ids)[-keep:], r.seeds) for r in requests]
+    return engine.generate(model, requests, sampling_params(tok, cfg),
+                           lambda ids: tok.decode(ids, skip_special_tokens=False), int(cfg["batch_size"]))
 
 
 # ============================================================================ the harness
@@ -491,13 +507,43 @@ def benchmark_config(params: dict, name: str) -> dict:
     if entry.get("plugin") not in PLUGINS:
         raise common.StageError(f"evaluate.benchmarks.{name}.plugin must be one of {sorted(PLUGINS)}, "
                                 f"got {entry.get('plugin')!r}")
-    cfg = {k: v for k, v in params.items() if k not in ("benchmarks", "run")}
+    cfg = {k: v for k, v in params.items() if k not in ("benchmarks", "run", "per_checkpoint")}
     cfg.update(entry)
     if "n_samples" not in entry:
         cfg["n_samples"] = params["n_samples"]
     if not isinstance(cfg["n_samples"], int) or cfg["n_samples"] < 1:
         raise common.StageError(f"evaluate: n_samples for {name} must be a positive int, got {cfg['n_samples']!r}")
     return cfg
+
+
+PER_CHECKPOINT_KEYS = {"prompt_format", "run", "max_new_tokens"}
+
+
+def checkpoint_params(params: dict, name: str | None) -> dict:
+    """The evaluate params of one named checkpoint: evaluate.per_checkpoint.<name> (prompt_format, run,
+    max_new_tokens: a `<think>` chain needs more room than a base model's answer) over the evaluate defaults. The
+    format is stated, never inferred from the tokenizer: every checkpoint of ours carries the same ChatML template,
+    base models included."""
+    override = (params.get("per_checkpoint") or {}).get(name) or {}
+    unknown = sorted(set(override) - PER_CHECKPOINT_KEYS)
+    if unknown:
+        raise common.StageError(f"evaluate.per_checkpoint.{name}: unknown keys {unknown} "
+                                f"(allowed: {sorted(PER_CHECKPOINT_KEYS)})")
+    out = {**params, **override}
+    if out["prompt_format"] not in ("chat", "plain"):
+        raise common.StageError(f"evaluate: prompt format of {name or 'the checkpoint'} must be chat or plain, "
+                                f"got {out['prompt_format']!r}")
+    return out
+
+
+def benchmark_root(cfg: dict, roots: dict[str, Path | None]) -> Path:
+    """The directory a benchmark's path is relative to: roots[cfg root] (default "eval", the --data-root; "tasks": the
+    tasks stage's output, --tasks-dir)."""
+    key = cfg.get("root", "eval")
+    if roots.get(key) is None:
+        raise common.StageError(f"evaluate: benchmark path root {key!r} has no directory (root tasks: give "
+                                f"--tasks-dir, the tasks stage's output)")
+    return Path(roots[key])
 
 
 def benchmark_inputs(cfg: dict, data_root: Path) -> list[Path]:
@@ -507,9 +553,32 @@ def benchmark_inputs(cfg: dict, data_root: Path) -> list[Path]:
     return [_resolve(data_root, cfg["path"])]
 
 
-def evaluate_benchmark(model, tok, name: str, cfg: dict, data_root: Path) -> tuple[dict, list[dict]]:
-    """(metrics, sample rows) of one benchmark: load, keep the first max_problems, sample n per problem,
-    verify every sample."""
+def benchmark_metrics(name: str, ids: list[str], scores: list[list[float]], levels: list[int] | None,
+                      cfg: dict) -> tuple[dict, dict[str, float]]:
+    """(metrics, {problem id: mean score}) of one benchmark from its per-problem sample scores: summarize with 95%
+    intervals (bootstrap seeded per benchmark and level), the prompt format, and `by_level` when problems have
+    levels."""
+    resamples, seed = int(cfg["bootstrap_resamples"]), int(cfg["seed"])
+    metrics = {**summarize(scores, resamples, eval_stats.derived_seed(seed, name)),
+               "prompt_format": cfg["prompt_format"]}
+    if levels is not None:
+        metrics["by_level"] = {str(lv): summarize([s for s, l in zip(scores, levels) if l == lv], resamples,
+                                                  eval_stats.derived_seed(seed, name, lv))
+                               for lv in sorted(set(levels))}
+    return metrics, {i: sum(s) / len(s) for i, s in zip(ids, scores)}
+
+
+def checkpoint_inputs(params: dict, name: str, roots: dict[str, Path | None]) -> list[Path]:
+    """The data files the named checkpoint's run reads (its per_checkpoint run, else evaluate.run): the inputs its
+    evaluate job declares, so a phase checkpoint without the ladder does not depend on the tasks stage."""
+    p = checkpoint_params(params, name)
+    configs = [benchmark_config(p, bench) for bench in p["run"]]
+    return sorted({f for cfg in configs for f in benchmark_inputs(cfg, benchmark_root(cfg, roots))})
+
+
+def evaluate_benchmark(model, tok, name: str, cfg: dict, data_root: Path) -> tuple[dict, list[dict], dict]:
+    """(metrics, sample rows, {problem id: mean score}) of one benchmark: load, keep the first max_problems, sample n
+    per problem, verify every sample."""
     plugin = PLUGINS[cfg["plugin"]]
     problems = plugin.load(cfg, data_root)
     if cfg.get("max_problems") is not None:
@@ -517,62 +586,75 @@ def evaluate_benchmark(model, tok, name: str, cfg: dict, data_root: Path) -> tup
     if not problems:
         raise common.StageError(f"evaluate: benchmark {name} has no problems")
     n = cfg["n_samples"]
-    jobs, prompts = [], []
+    requests, prompts = [], []
     for p in problems:
         plain = plugin.plain(p, cfg) if plugin.plain is not None else None
         ids = render_prompt(tok, plugin.messages(p, cfg), plain, cfg)
         prompts.append(tok.decode(ids, skip_special_tokens=False))
-        jobs += [GenerationJob(ids, sample_seed(int(cfg["seed"]), name, p["id"], j)) for j in range(n)]
-    outputs = generate(model, tok, jobs, cfg, desc=name)
+        requests.append(engine.Request(ids, [sample_seed(int(cfg["seed"]), name, p["id"], j) for j in range(n)]))
+    outputs = [c for samples in generate(model, tok, requests, cfg) for c in samples]
     expanded = [p for p in problems for _ in range(n)]
     verdicts = plugin.verify(expanded, [o.text for o in outputs], cfg)
-    rows = [{"benchmark": name, "problem_id": p["id"], "sample": j % n, "seed": job.seed,
-             "prompt": prompts[j // n], "completion": out.text, "completion_tokens": out.n_tokens,
-             "finished": out.finished, "score": v.score, "correct": v.score > 0.5, "reason": v.reason}
-            for j, (p, job, out, v) in enumerate(zip(expanded, jobs, outputs, verdicts))]
+    rows = [{"benchmark": name, "problem_id": p["id"], "sample": j % n, "seed": requests[j // n].seeds[j % n],
+             "prompt": prompts[j // n], "completion": out.text, "completion_tokens": len(out.token_ids),
+             "finish_reason": out.finish_reason, "score": v.score, "correct": v.score > 0.5, "reason": v.reason}
+            for j, (p, out, v) in enumerate(zip(expanded, outputs, verdicts))]
     scores = [[v.score for v in verdicts[i * n:(i + 1) * n]] for i in range(len(problems))]
-    return summarize(scores), rows
+    levels = None if plugin.level is None else [plugin.level(p) for p in problems]
+    metrics, per_problem = benchmark_metrics(name, [p["id"] for p in problems], scores, levels, cfg)
+    return metrics, rows, per_problem
 
 
 def evaluate_checkpoint(ckpt_dir: str | Path, benchmarks: list[str], params: dict, data_root: str | Path,
-                        output_dir: str | Path) -> dict:
-    """Evaluate one checkpoint on the named benchmarks; writes output_dir/metrics.json,
-    output_dir/samples/<benchmark>.jsonl and output_dir/manifest.json (last); returns the metrics."""
-    data_root, output_dir = Path(data_root), Path(output_dir)
+                        output_dir: str | Path, tasks_dir: str | Path | None = None) -> dict:
+    """Evaluate one checkpoint on the named benchmarks (params: checkpoint_params' slice, its prompt format resolved);
+    writes output_dir/metrics.json, output_dir/scores.json ({benchmark: {problem id: mean score}}, what the report's
+    paired comparisons read), output_dir/samples/<benchmark>.jsonl and output_dir/manifest.json (last)."""
+    missing = [k for k in ("stop_strings", "bootstrap_resamples") if k not in params]
+    if missing:
+        raise common.StageError(f"evaluate: {', '.join(missing)} not set (params.yaml evaluate section)")
+    output_dir = Path(output_dir)
+    roots = {"eval": Path(data_root), "tasks": None if tasks_dir is None else Path(tasks_dir)}
     configs = {name: benchmark_config(params, name) for name in benchmarks}
+    print(f"evaluate {ckpt_dir}: prompt_format={params['prompt_format']}", file=sys.stderr)
     threads = torch.get_num_threads()
     # A fixed thread count fixes the float reduction order, so samples do not depend on the host's core count.
     torch.set_num_threads(int(params["cpu_threads"]))
     try:
         model, tok = load_checkpoint(ckpt_dir, params)
-        metrics, outputs, inputs = _evaluate_all(model, tok, configs, data_root, output_dir)
+        metrics, scores, outputs, inputs = _evaluate_all(model, tok, configs, roots, output_dir)
     finally:
         torch.set_num_threads(threads)
+    common.write_json(output_dir / "scores.json", scores)
     common.write_json(output_dir / "metrics.json", metrics)
-    outputs.append(output_dir / "metrics.json")
+    outputs += [output_dir / "scores.json", output_dir / "metrics.json"]
     ckpt_files = sorted(p for p in Path(ckpt_dir).iterdir() if p.is_file())
     common.write_manifest(output_dir / "manifest.json", stage=STAGE, params=params, inputs=[*ckpt_files, *inputs],
-                          outputs=outputs, code=common.code_version("stages.evaluate", "stages.verifiers"),
+                          outputs=outputs, code=common.code_version_closure("stages.evaluate"),
                           counts={name: {"problems": m["n_problems"], "samples": m["n_problems"] * m["k"]}
                                   for name, m in metrics.items()},
-                          extra={"checkpoint": str(ckpt_dir), "benchmarks": benchmarks})
+                          extra={"checkpoint": str(ckpt_dir), "benchmarks": benchmarks,
+                                 "prompt_format": params["prompt_format"]})
     return metrics
 
 
-def _evaluate_all(model, tok, configs: dict, data_root: Path, output_dir: Path) -> tuple[dict, list[Path], list[Path]]:
+def _evaluate_all(model, tok, configs: dict, roots: dict,
+                  output_dir: Path) -> tuple[dict, dict, list[Path], list[Path]]:
     """Every benchmark in turn; its samples file is written as soon as it is done."""
-    metrics, outputs, inputs = {}, [], []
+    metrics, scores, outputs, inputs = {}, {}, [], []
     for name, cfg in configs.items():
-        metrics[name], rows = evaluate_benchmark(model, tok, name, cfg, data_root)
+        data_root = benchmark_root(cfg, roots)
+        metrics[name], rows, scores[name] = evaluate_benchmark(model, tok, name, cfg, data_root)
         path = output_dir / "samples" / f"{name}.jsonl"
         with common.atomic_path(path) as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows),
                            encoding="utf-8")
         outputs.append(path)
         inputs += benchmark_inputs(cfg, data_root)
-        print(f"{name}: avg@{metrics[name]['k']} = {metrics[name]['avg@k']:.4f} over "
-              f"{metrics[name]['n_problems']} problems", file=sys.stderr)
-    return metrics, outputs, inputs
+        m = metrics[name]
+        print(f"{name}: avg@{m['k']} = {m['avg@k']:.4f} [{m['avg@k:ci95_low']:.4f}, {m['avg@k:ci95_high']:.4f}] "
+              f"over {m['n_problems']} problems", file=sys.stderr)
+    return metrics, scores, outputs, inputs
 
 
 def parse_checkpoints(spec: str) -> dict[str, Path]:
@@ -591,14 +673,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=None, help="with --checkpoints: evaluate just this one (a Snakemake job)")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--benchmarks", default=None, help="comma-separated names from evaluate.benchmarks "
-                                                       "(default: evaluate.run)")
+                                                       "(default: the checkpoint's run, evaluate.run)")
     ap.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="where benchmark paths are relative to")
+    ap.add_argument("--tasks-dir", default=None,
+                    help="the tasks stage's output (benchmarks with root: tasks, the ladder)")
     args = ap.parse_args(argv)
     try:
         params = common.resolve_cli_params(args, STAGE)
-        names = args.benchmarks.split(",") if args.benchmarks else list(params["run"])
+        chosen = args.benchmarks.split(",") if args.benchmarks else None
         if args.checkpoint:
-            evaluate_checkpoint(args.checkpoint, names, params, args.data_root, args.output_dir)
+            p = checkpoint_params(params, None)
+            evaluate_checkpoint(args.checkpoint, chosen or p["run"], p, args.data_root, args.output_dir, args.tasks_dir)
             return
         targets = parse_checkpoints(args.checkpoints)
         if args.only is not None:
@@ -606,8 +691,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise common.StageError(f"--only {args.only!r} is not among --checkpoints {sorted(targets)}")
             targets = {args.only: targets[args.only]}
         for name, ckpt in targets.items():
-            evaluate_checkpoint(ckpt, names, params, args.data_root, Path(args.output_dir) / name)
-    except common.StageError as exc:
+            p = checkpoint_params(params, name)
+            evaluate_checkpoint(ckpt, chosen or p["run"], p, args.data_root, Path(args.output_dir) / name,
+                                args.tasks_dir)
+    except (common.StageError, ModelError) as exc:
         common.fail(exc)
 
 

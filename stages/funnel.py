@@ -23,6 +23,17 @@ def _rows(con, sql: str) -> list[tuple]:
     return con.execute(sql).fetchall()
 
 
+def select_recall(con, select_dir: Path) -> dict:
+    """Recall in the selection: candidates (select's manifest) and the documents and tokens recalled into the pool
+    (the pool shards' `recalled` column)."""
+    counts = (common.read_manifest(select_dir / "manifest.json") or {}).get("counts", {})
+    g = _glob(select_dir / "pool")
+    docs, toks = (0, 0) if g is None else _rows(
+        con, f"SELECT count(*), coalesce(sum(approx_tokens), 0) FROM read_parquet('{g}') WHERE recalled")[0]
+    return {"candidates": int(counts.get("recall_candidates", 0)), "docs_recalled": int(docs),
+            "tokens_recalled": int(toks)}
+
+
 def data_funnel(artifacts: str | Path) -> dict:
     """Aggregate the funnel from artifacts/<scale>/{ingest,filter,dedup,score,select}."""
     art = Path(artifacts)
@@ -60,6 +71,7 @@ def data_funnel(artifacts: str | Path) -> dict:
             raise common.StageError(f"{kept_dir.parent}: {n_in} documents in, but the previous stage kept {previous}")
         steps.append({"stage": stage, "docs_in": n_in, "docs_kept": docs, "tokens_kept": toks, "dropped": rejected})
         previous = docs
+    steps[-1]["recall"] = select_recall(con, art / "select")
 
     hist = {str(u): 0 for u in range(10)}
     g = _glob(art / "score")
@@ -78,6 +90,10 @@ def funnel_markdown(funnel: dict) -> str:
         for d in step["dropped"]:
             lines.append(f"| {step['stage']} | dropped: {d['rule']} | {d['docs']} | {d['tokens']} |")
         lines.append(f"| {step['stage']} | **kept** | **{step['docs_kept']}** | **{step['tokens_kept']}** |")
+        if "recall" in step:
+            r = step["recall"]
+            lines.append(f"| {step['stage']} | of which recalled (of {r['candidates']} candidates) | "
+                         f"{r['docs_recalled']} | {r['tokens_recalled']} |")
     lines += ["", "| utility | documents |", "|---:|---:|"]
     lines += [f"| {u} | {n} |" for u, n in funnel["utility_histogram"].items()]
     if funnel["quality_model"]:
@@ -96,6 +112,8 @@ def write_funnel(artifacts: str | Path, output_dir: str | Path, live_dir: str | 
     for step in funnel["steps"]:
         live.log_metric(f"{step['stage']}/docs_kept", step["docs_kept"], plot=False)
         live.log_metric(f"{step['stage']}/tokens_kept", step["tokens_kept"], plot=False)
+        for key, value in step.get("recall", {}).items():
+            live.log_metric(f"{step['stage']}/recall_{key}", value, plot=False)
     for key, value in funnel["quality_model"].items():
         live.log_metric(f"quality_model/{key}", round(value, 6), plot=False)
     rules = [{"rule": f"{s['stage']}:{d['rule']}", "docs": d["docs"], "tokens": d["tokens"]}

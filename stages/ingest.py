@@ -145,6 +145,8 @@ def read_jsonl(path: Path, p: dict) -> Iterator[RawRecord]:
         with opener(path, "rb") as fh:
             while line := fh.readline(cap + 1):
                 lineno += 1
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM opens the file, not a record (utf-8-sig)
                 where = f"{path}:{lineno}"
                 if len(line) > cap and not line.endswith(b"\n"):
                     total, head = len(line), line[: PREVIEW_CHARS * 4]

@@ -61,9 +61,12 @@ class Schedule:
         return self.phases[-1].end
 
 
-def phase_steps(tokens: int, tokens_per_step: int) -> int:
-    """Optimizer steps of a phase: round(tokens / tokens_per_step), halves up, in exact integer arithmetic; >= 1."""
-    return max(1, (2 * tokens + tokens_per_step) // (2 * tokens_per_step))
+def phase_steps(tokens: int, tokens_per_step: int, min_steps: int = 1) -> int:
+    """Optimizer steps of a phase: ceil(tokens / tokens_per_step) in exact integer arithmetic (a phase trains at least
+    its planned tokens, so epochs planned in tokens hold), and at least min_steps (a 0.4% warmup is one step at tiny
+    scale: the floor gives every phase a few steps, at the cost of a few tokens over the plan, which the manifest
+    shows as tokens consumed vs planned)."""
+    return max(1, min_steps, -(-tokens // tokens_per_step))
 
 
 def shaped_lr(shape: str, lr_start: float, lr_end: float, f: float) -> float:
@@ -123,9 +126,9 @@ def _cosine(phases: list[Phase], plan: dict) -> tuple[list[LRPiece], dict[str, f
 SCHEDULES = {"fgwsd": _fgwsd, "wsd": _wsd, "cosine": _cosine}
 
 
-def build_schedule(plan: dict, kind: str, seq_len: int, sequences_per_step: int) -> Schedule:
-    """Phases in steps (a phase's tokens_per_step = sequences_per_step x seq_len x seq_len_scale) and the LR pieces
-    of schedule `kind`."""
+def build_schedule(plan: dict, kind: str, seq_len: int, sequences_per_step: int, min_phase_steps: int = 1) -> Schedule:
+    """Phases in steps (a phase's tokens_per_step = sequences_per_step x seq_len x seq_len_scale, phase_steps with
+    min_phase_steps) and the LR pieces of schedule `kind`."""
     if kind not in SCHEDULES:
         raise StageError(f"pretrain.schedule must be one of {sorted(SCHEDULES)}, got {kind!r}")
     if not plan.get("phases"):
@@ -135,7 +138,7 @@ def build_schedule(plan: dict, kind: str, seq_len: int, sequences_per_step: int)
         if raw["lr_shape"] not in SHAPES:
             raise StageError(f"plan phase {raw['name']}: lr_shape must be one of {SHAPES}, got {raw['lr_shape']!r}")
         phase_len = max(1, round(seq_len * float(raw["seq_len_scale"])))
-        steps = phase_steps(int(raw["tokens"]), sequences_per_step * phase_len)
+        steps = phase_steps(int(raw["tokens"]), sequences_per_step * phase_len, min_phase_steps)
         phases.append(Phase(i, raw["name"], raw["stage"], start, steps, phase_len, float(raw["rope_theta_scale"]),
                             int(raw["tokens"]), normalized_mixture(raw["mixture"], f"plan phase {raw['name']}")))
         start += steps
@@ -153,9 +156,29 @@ def phase_at(schedule: Schedule, step: int) -> Phase:
     return schedule.phases[-1]
 
 
-def lr_at(schedule: Schedule, step: int) -> float:
-    """LR of optimizer step `step` (0-based); past the end it stays at the last piece's lr_end."""
-    for piece in schedule.lr:
+def piecewise_lr(pieces: tuple[LRPiece, ...], step: int) -> float:
+    """LR of optimizer step `step` (0-based) over consecutive pieces; past the end it stays at the last lr_end."""
+    for piece in pieces:
         if step < piece.start + piece.steps:
             return shaped_lr(piece.shape, piece.lr_start, piece.lr_end, (step - piece.start + 1) / piece.steps)
-    return schedule.lr[-1].lr_end
+    return pieces[-1].lr_end
+
+
+def lr_at(schedule: Schedule, step: int) -> float:
+    """LR of optimizer step `step` (0-based) of a pretraining schedule."""
+    return piecewise_lr(schedule.lr, step)
+
+
+def warmup_decay(total_steps: int, warmup_steps: int, lr_peak: float, lr_final: float,
+                 shape: str) -> tuple[LRPiece, ...]:
+    """The post-training LR (SFT, DPD, RM, GRPO) for piecewise_lr: linear 0 -> lr_peak over warmup_steps, then
+    `shape` (SHAPES) from lr_peak to lr_final over the remaining steps."""
+    if shape not in SHAPES:
+        raise StageError(f"lr_shape must be one of {SHAPES}, got {shape!r}")
+    warmup = min(warmup_steps, total_steps)
+    pieces = [LRPiece(0, warmup, 0.0, lr_peak, "linear")] if warmup else []
+    if total_steps > warmup:
+        pieces.append(LRPiece(warmup, total_steps - warmup, lr_peak, lr_final, shape))
+    if not pieces:
+        raise StageError(f"warmup_decay: total_steps must be >= 1, got {total_steps}")
+    return tuple(pieces)

@@ -1,46 +1,58 @@
 """Pretrain: the base model on the packed bucket streams, LR and data mixture following the FG-WSD plan.
 
 Each optimizer step draws batch_size x grad_accum sequences of seq_len + 1 tokens (seq_len = pretrain.seq_len x the
-phase's seq_len_scale). Sequence g of the run comes from the bucket picked by u_g = splitmix64(seed, g) / 2^64 over the
-phase mixture's cumulative weights, and reads that bucket's NEXT window: the bucket's cursor advances by seq_len, so
-each token is a target once per epoch and the stream wraps around for the next epoch. The whole data state is the
-per-bucket cursors + the step, so a resume neither repeats nor skips a window. At each phase start the RoPE base
+phase's seq_len_scale). Each sequence's bucket is assigned by quota over the phase mixture (BucketQuota: every
+bucket's count stays within about one sequence of its expected count, so the plan's mixtures and epochs hold in
+trained tokens), and reads that bucket's NEXT window: the bucket's cursor advances by seq_len, so each token is a
+target once per epoch and the stream wraps around for the next epoch. The whole data state is the quota credits,
+the per-bucket cursors and the step, so a resume neither repeats nor skips a window. Phases last
+ceil(tokens / tokens per step) steps, at least pretrain.min_phase_steps. At each phase start the RoPE base
 becomes rope_theta x rope_theta_scale (ABF).
 
 Outputs: artifacts/<scale>/pretrain/{phases/<phase>/, final/} (HF Llama checkpoints + the tokenizer files, each
 loadable standalone by transformers), manifest.json (tokens per phase planned vs consumed, wall time, losses) and
 dvclive/pretrain/ (train loss, lr, phase, tokens/s, tokens seen; held-out loss at each phase end).
 
+Training is the shared loop (stages/training): PretrainBatches is its batch source, TokenCrossEntropy (mask = 1) its
+loss, so a step's loss is the mean next-token CE over all batch_size x grad_accum x seq_len tokens of the step.
+Progress: a tqdm bar on a TTY, else a line every progress_every_steps steps or progress_every_s seconds (the log).
+
+Backends (pretrain.backend, stages/training/engine.py): `torch` (default) is this process alone, or under torchrun
+FSDP2 over all ranks (pretrain.activation_checkpointing recomputes each layer in backward); `megatron` is a
+Megatron-core GPTModel with its forward_backward schedule, DDP and optimizer (pretrain.megatron: parallel sizes,
+recompute, transformer_engine). Both read the same plan, LR table and PretrainBatches: every rank builds the step's
+global windows and trains on its rows r::DP, with the loss normalized by the step's global token count, so the global
+batch is the single-process one. Rank 0 writes the outputs and resume states (full tensors, HF names: a run resumes
+at another world size). A multi-GPU launch line comes from stages/training/launch.py.
+
 Resume state lives OUTSIDE the declared outputs (Snakemake and DVC delete the outputs of a failed job):
-checkpoints/<scale>/pretrain/<hash of (params slices, plan, tokenizer manifest)>/ holds `latest` (the name of the
-newest complete state), state-<step>/ (model.safetensors + trainer.pt: optimizer, RNG, step, cursors, phase, the
-metrics history) and phases/<phase>/; every directory is written whole then renamed, so `kill -9` is safe anywhere.
+checkpoints/<scale>/pretrain/<hash of (params slices, plan, tokenizer manifest, the code of every repo module pretrain
+imports, torch version)>/ holds `latest` (the name of the newest complete state), state-<step>/ (model.safetensors +
+trainer.pt: optimizer, RNG, step, cursors, the metrics history) and phases/<phase>/; every directory is written whole
+then renamed, so `kill -9` is safe anywhere. A code change starts a new run (it never re-links an old checkpoint).
 
 Params: the `pretrain` slice, plus the `model` slice for the architecture (--params-json takes
 {"pretrain": {...}, "model": {...}}); model.vocab_size is set from the trained tokenizer and must match when given.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from stages import common
+from model import ops
+from model.config import ModelError
+from stages import common, training
 from stages.lr_schedule import Phase, Schedule, build_schedule, lr_at, phase_at
 from stages.tokenize import copy_tokenizer_files, read_stream
+from stages.training import TokenCrossEntropy, build_optimizer, optimizer_step
 
 STAGE = "pretrain"
-LATEST = "latest"
-TRAINER_STATE = "trainer.pt"
-RESUME_WEIGHTS = "model.safetensors"
+CODE = (f"stages.{STAGE}",)  # the code version covers every repo module this one imports (common.repo_imports)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -86,27 +98,54 @@ def model_config(model_p: dict, tokens_manifest: dict):
 
 # ----------------------------------------------------------------------------- data
 
-_MASK64 = (1 << 64) - 1
+QUOTA_ONE = 1 << 32
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer over uint64 (wrapping arithmetic): a counter-based hash, no generator state to save."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def sequence_buckets(seed: int, first: int, n: int, mixture: dict[str, float]) -> list[str]:
-    """Buckets of global sequences first .. first + n - 1: sequence g takes the first bucket (name order) whose
-    cumulative weight exceeds u_g = splitmix64(splitmix64(seed) xor g) / 2^64."""
+def quota_weights(mixture: dict[str, float]) -> dict[str, int]:
+    """Integer weights W_b summing to exactly 2^32, proportional to the mixture (largest remainder, ties by name)."""
     names = sorted(mixture)
-    cum = np.cumsum([mixture[b] for b in names])
-    with np.errstate(over="ignore"):
-        key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
-        u = (_splitmix64(key ^ np.arange(first, first + n, dtype=np.uint64)) >> np.uint64(11)) / float(1 << 53)
-    picks = np.minimum(np.searchsorted(cum / cum[-1], u, side="right"), len(names) - 1)
-    return [names[i] for i in picks]
+    total = sum(mixture.values())
+    raw = {b: mixture[b] / total * QUOTA_ONE for b in names}
+    out = {b: int(raw[b]) for b in names}
+    short = QUOTA_ONE - sum(out.values())
+    for b in sorted(names, key=lambda b: (-(raw[b] - out[b]), b))[:short]:
+        out[b] += 1
+    return out
+
+
+class BucketQuota:
+    """Which bucket each sequence reads: quotas, not independent draws, so the mixture holds in trained tokens.
+
+    Smooth weighted round robin on exact integer credits: for every sequence, each bucket of the current phase's
+    mixture gains W_b (quota_weights), the bucket with the largest credit takes the sequence and pays 2^32 (ties:
+    the smaller seeded offset). So credit_b = 2^32 (E_b - n_b) + o_b, where n_b is b's sequences so far and
+    E_b = sum over those sequences of b's mixture weight at the time; |n_b - E_b| stays below a small constant (one
+    sequence per bucket in the mixture at worst, far less in practice: a test measures it), carried across phase
+    boundaries. Independent draws would miss E_b by ~sqrt(E_b) sequences: 6% of a 250-sequence bucket.
+    The seed enters only through the initial offsets o_b in [0, 2^31), which fix the interleaving order."""
+
+    def __init__(self, buckets: list[str], seed: int):
+        self.credits = {b: int(hashlib.sha256(f"{seed}/{b}".encode()).hexdigest()[:8], 16) >> 1
+                        for b in sorted(buckets)}
+        self._order = dict(self.credits)
+
+    def assign(self, mixture: dict[str, float], n: int) -> list[str]:
+        """Buckets of the next n sequences under `mixture` (advances the credits)."""
+        weights = {b: w for b, w in quota_weights(mixture).items() if w > 0}
+        out = []
+        for _ in range(n):
+            for b, w in weights.items():
+                self.credits[b] += w
+            pick = max(weights, key=lambda b: (self.credits[b], -self._order[b]))
+            self.credits[pick] -= QUOTA_ONE
+            out.append(pick)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"credits": dict(self.credits)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.credits = dict(state["credits"])
 
 
 def read_windows(streams: dict[str, np.ndarray], cursors: dict[str, int], buckets: list[str],
@@ -136,130 +175,96 @@ def check_streams(schedule: Schedule, streams: dict[str, np.ndarray], tokens_dir
         raise common.StageError(f"{tokens_dir}: empty bucket streams {empty}")
 
 
-# ----------------------------------------------------------------------------- optimizer
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on the weight matrices (attention, MLP, lm_head); none on RMSNorm weights (1-D gains,
-    shrinking them rescales activations) or the embedding table (a sparse lookup: decay pulls rare tokens to 0)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, p: dict, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; fused on CUDA, foreach (multi-tensor) on CPU."""
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, float(p["weight_decay"])), lr=0.0,
-                             betas=tuple(float(b) for b in p["adam_betas"]), eps=float(p["adam_eps"]), **kernel)
-
-
-# ----------------------------------------------------------------------------- resume state
-
-def run_hash(p: dict, model_p: dict, plan: dict, tokens_manifest: Path) -> str:
-    """Names the resume directory: a state is resumed only by a run with the same slices, plan and tokens."""
-    return common.params_hash({"pretrain": p, "model": model_p, "plan": plan,
-                               "tokens": common.sha256_file(tokens_manifest)})
-
-
-def save_resume_state(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
-    """state-<step>/ written whole, then `latest` points at it, then older states go."""
-    from safetensors.torch import save_model
-    name = f"state-{trainer['step']:09d}"
-    with common.atomic_dir(root / name) as tmp:
-        save_model(model, str(tmp / RESUME_WEIGHTS))
-        rng = {"rng_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["rng_cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({**trainer, **rng, "optimizer": optimizer.state_dict()}, tmp / TRAINER_STATE)
-    common.write_text(root / LATEST, name)
-    for old in root.glob("state-*"):
-        if old.name != name:
-            shutil.rmtree(old)
-
-
-def load_resume_state(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore model, optimizer and RNG from the newest complete state; returns the trainer dict (None: fresh)."""
-    from safetensors.torch import load_model
-    for debris in [*root.glob(".*.tmp"), *root.glob("phases/.*.tmp")]:
-        shutil.rmtree(debris) if debris.is_dir() else debris.unlink()
-    if not (root / LATEST).is_file():
-        return None
-    state_dir = root / (root / LATEST).read_text(encoding="utf-8").strip()
-    trainer = torch.load(state_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
-    load_model(model, str(state_dir / RESUME_WEIGHTS), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(trainer.pop("optimizer"))
-    torch.set_rng_state(trainer.pop("rng_cpu"))
-    cuda_rng = trainer.pop("rng_cuda", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return trainer
-
-
-def link_or_copy_dir(src: Path, dest: Path) -> list[Path]:
-    """Materialize a finished checkpoint directory at `dest` (hard links: checkpoint files are never modified in
-    place; a copy across filesystems)."""
-    with common.atomic_dir(dest) as tmp:
-        for f in sorted(src.iterdir()):
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copyfile(f, tmp / f.name)
-    return sorted(dest.iterdir())
-
-
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def heldout_loss(model, stream: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
-                 device: torch.device) -> float:
+def heldout_loss(engine, stream: np.ndarray, seq_len: int, max_tokens: int, batch_size: int) -> float:
     """Mean next-token CE over the first min(max_tokens, len - 1) // seq_len non-overlapping windows of the stream
-    (one shorter window when the stream is shorter than one)."""
+    (one shorter window when the stream is shorter than one), through the backend's forward (every rank the same
+    windows)."""
     seq_len = min(seq_len, len(stream) - 1)
     n = max(1, min(max_tokens, len(stream) - 1) // seq_len)
     windows = torch.from_numpy(np.stack([stream[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
                                .astype(np.int64))
+    model = engine.model
     was_training = model.training
     model.eval()
-    total = 0.0
-    for i in range(0, n, batch_size):
-        batch = windows[i:i + batch_size].to(device)
-        with _autocast(device):
-            total += model.loss(batch[:, :-1], batch[:, 1:]).item() * len(batch)
+    total = sum(engine.eval_loss(windows[i:i + batch_size]) * len(windows[i:i + batch_size])
+                for i in range(0, n, batch_size))
     model.train(was_training)
     return total / n
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 on CPU (exact, and what the resume tests compare bit for bit)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+# ----------------------------------------------------------------------------- the batch source and the run
+
+def lm_micro_batches(batch: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Token windows [n, seq_len + 1] -> micro-batches of batch_size rows for TokenCrossEntropy: every position a
+    target (mask 1)."""
+    return [{"input_ids": m[:, :-1], "targets": m[:, 1:], "mask": torch.ones(m[:, 1:].shape, dtype=torch.bool)}
+            for m in batch.split(batch_size)]
 
 
-# ----------------------------------------------------------------------------- the training loop
+class PretrainBatches:
+    """The FG-WSD batch source: step t reads seq_per_step windows at the phase's seq_len, their buckets assigned by
+    BucketQuota over the phase mixture, each at its bucket's cursor. State: the quota credits and the cursors.
+    `windows` holds the (bucket, cursor) of every window the latest step read."""
 
-def _apply_phase(model, ph: Phase, schedule: Schedule, base_theta: float, base_max_pos: int) -> None:
-    """ABF at a phase start: RoPE base x the phase's scale; context = the longest seq_len trained so far."""
-    longest = max([base_max_pos] + [q.seq_len for q in schedule.phases[:ph.index + 1]])
-    model.set_rope_theta(base_theta * ph.rope_theta_scale, longest)
+    def __init__(self, streams: dict[str, np.ndarray], schedule: Schedule, seed: int, batch_size: int,
+                 seq_per_step: int):
+        self.streams, self.schedule, self.seed = streams, schedule, seed
+        self.batch_size, self.seq_per_step = batch_size, seq_per_step
+        self.cursors = {b: 0 for b in sorted(streams)}
+        self.quota = BucketQuota(sorted(streams), seed)
+        self.windows: list[tuple[str, int]] = []
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        ph = phase_at(self.schedule, step)
+        buckets = self.quota.assign(ph.mixture, self.seq_per_step)
+        batch, self.windows = read_windows(self.streams, self.cursors, buckets, ph.seq_len)
+        return lm_micro_batches(torch.from_numpy(batch), self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"cursors": dict(self.cursors), "quota": self.quota.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursors = dict(state["cursors"])
+        self.quota.load_state_dict(state["quota"])
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float, p: dict,
                device: torch.device) -> float:
-    """One optimizer step on batch [batch_size x grad_accum, seq_len + 1]: each micro-batch adds
-    grad(L_micro / grad_accum), so the update follows the mean loss over the batch; clip the global grad norm;
-    AdamW at lr. Returns that mean loss."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss = 0.0
-    for micro in batch.split(int(p["batch_size"])):
-        with _autocast(device):
-            micro_loss = model.loss(micro[:, :-1], micro[:, 1:]) / int(p["grad_accum"])
-        micro_loss.backward()
-        loss += micro_loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), float(p["grad_clip"]))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+    """One pretraining optimizer step on windows [batch_size x grad_accum, seq_len + 1] (what the loop runs; the
+    train benchmark times it): the mean next-token CE over all the step's tokens, clipped, at lr. Returns it."""
+    losses, _ = optimizer_step(model, optimizer, lm_micro_batches(batch, int(p["batch_size"])), TokenCrossEntropy(),
+                               lr, float(p["grad_clip"]), device)
+    return losses["loss"]
+
+
+def _apply_phase(engine, ph: Phase, schedule: Schedule, base_theta: float, base_max_pos: int) -> None:
+    """ABF at a phase start: RoPE base x the phase's scale; context = the longest seq_len trained so far."""
+    longest = max([base_max_pos] + [q.seq_len for q in schedule.phases[:ph.index + 1]])
+    engine.set_rope_theta(base_theta * ph.rope_theta_scale, longest)
+
+
+BACKENDS = ("torch", "megatron")
+
+
+def build_engine(model, p: dict, device: torch.device, world: training.World):
+    """The backend of pretrain.backend (default torch): the PyTorch loop (FSDP2 over the world when W > 1, with
+    pretrain.activation_checkpointing) or Megatron-core (stages/training/megatron_backend.py)."""
+    backend = p.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise common.StageError(f"pretrain.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "megatron":
+        from stages.training.megatron_backend import MegatronEngine
+        return MegatronEngine(model, p, device, world)
+    model = training.apply_fsdp(model, world, device, bool(p.get("activation_checkpointing", False)))
+    return training.TorchEngine(model, build_optimizer(model, p, device), device, world)
+
+
+def state_dir(resume_dir: str | Path, p: dict, model_p: dict, plan: dict, tokens_manifest: Path) -> Path:
+    """The run's resume directory: keyed by the slices, the plan, the tokens, the code pretrain imports, torch."""
+    return training.run_dir(resume_dir, {"pretrain": p, "model": model_p, "plan": plan,
+                                         "tokens": common.sha256_file(tokens_manifest)}, CODE)
 
 
 def run_pretrain(plan_path: str | Path, tokens_dir: str | Path, output_dir: str | Path, resume_dir: str | Path,
@@ -269,132 +274,110 @@ def run_pretrain(plan_path: str | Path, tokens_dir: str | Path, output_dir: str 
 
     max_steps stops after that many optimizer steps in all, saving the resume state (what a kill at that step
     leaves) and returning None. on_step(step, windows) sees the (bucket, cursor) of every window a step reads."""
-    from tqdm import tqdm
-
     from model import NanbeigeForCausalLM, save_pretrained
     tokens_dir, output_dir = Path(tokens_dir), Path(output_dir)
     plan = load_plan(plan_path)
     tokens_manifest, streams, heldout = load_tokens(tokens_dir)
     cfg = model_config(model_p, tokens_manifest)
+    ops.set_kernels(model_p.get("kernels", "auto"))
     seq_per_step = int(p["batch_size"]) * int(p["grad_accum"])
-    schedule = build_schedule(plan, p["schedule"], int(p["seq_len"]), seq_per_step)
+    schedule = build_schedule(plan, p["schedule"], int(p["seq_len"]), seq_per_step, int(p["min_phase_steps"]))
     check_streams(schedule, streams, tokens_dir)
-    state_root = Path(resume_dir) / run_hash(p, model_p, plan, tokens_dir / "manifest.json")
-    state_root.mkdir(parents=True, exist_ok=True)
+    state_root = state_dir(resume_dir, p, model_p, plan, tokens_dir / "manifest.json")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    seed = int(p["seed"])
-    torch.manual_seed(seed)
-    model = NanbeigeForCausalLM(cfg).to(device)
-    optimizer = build_optimizer(model, p, device)
-    trainer = load_resume_state(state_root, model, optimizer) or {
-        "step": 0, "cursors": {b: 0 for b in sorted(streams)}, "tokens_consumed": [0] * len(schedule.phases),
-        "history": [], "heldout": {}, "loss_start": None, "loss_end": None, "wall_time": 0.0}
-    live = common.open_live(live_dir)
-    for row in trainer["history"]:
-        _log_row(live, row)
+    device = training.default_device()
+    world = training.init_world(device)
+    training.seed_run(int(p["seed"]), device)
+    model = NanbeigeForCausalLM(cfg).to(device)  # the same seeded init on every rank and in every backend
+    engine = build_engine(model, p, device, world)
+    batches = PretrainBatches(streams, schedule, int(p["seed"]), int(p["batch_size"]), seq_per_step)
+    live = common.open_live(live_dir) if world.is_writer else None
+    trainer = training.Trainer(engine.model, engine.optimizer, lambda t: lr_at(schedule, t),
+                               TokenCrossEntropy(), batches, training.LoopConfig.from_params(p),
+                               training.ResumeDir(state_root, writer=world.is_writer), live, device, desc=STAGE,
+                               engine=engine)
+    trainer.state["stage"] = {"heldout": {}}  # held-out losses per phase; a resume restores them
+    applied = None  # the phase whose RoPE base the model has
 
-    total = schedule.total_steps
-    stop = total if max_steps is None else min(total, max_steps)
-    started = time.perf_counter()
-    tokens_since_log, seconds_since_log = 0, 0.0  # tokens/s over training steps only, not evals or checkpoints
-    applied = None
-    model.train()
-    bar = tqdm(total=total, initial=trainer["step"], desc="pretrain", unit="step", file=sys.stderr, disable=None)
-    while trainer["step"] < stop:
-        step = trainer["step"]
-        step_began = time.perf_counter()
+    def before_step(step: int) -> None:
+        nonlocal applied
         ph = phase_at(schedule, step)
         if applied != ph.index:
-            _apply_phase(model, ph, schedule, cfg.rope_theta, cfg.max_position_embeddings)
+            _apply_phase(engine, ph, schedule, cfg.rope_theta, cfg.max_position_embeddings)
             applied = ph.index
-        lr = lr_at(schedule, step)
-        buckets = sequence_buckets(seed, step * seq_per_step, seq_per_step, ph.mixture)
-        batch, windows = read_windows(streams, trainer["cursors"], buckets, ph.seq_len)
-        loss = train_step(model, optimizer, torch.from_numpy(batch).to(device), lr, p, device)
-        if on_step is not None:
-            on_step(step, windows)
 
-        step_tokens = seq_per_step * ph.seq_len
-        trainer["step"] = done = step + 1
-        trainer["tokens_consumed"][ph.index] += step_tokens
-        trainer["loss_start"] = loss if trainer["loss_start"] is None else trainer["loss_start"]
-        trainer["loss_end"] = loss
-        tokens_since_log += step_tokens
-        seconds_since_log += time.perf_counter() - step_began
-        bar.update(1)
-        phase_end = done == ph.end
-        if done % int(p["log_every"]) == 0 or phase_end:
-            tps = tokens_since_log / max(seconds_since_log, 1e-9)
-            tokens_since_log, seconds_since_log = 0, 0.0
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", phase=ph.name)
-            row = {"step": done, "metrics": {"train/loss": loss, "train/lr": lr, "train/phase": ph.index,
-                                             "train/tokens_per_s": tps,
-                                             "train/tokens_seen": sum(trainer["tokens_consumed"])}}
-            if phase_end:
-                save_phase_checkpoint(state_root / "phases" / ph.name, model, tokens_dir, save_pretrained)
-                losses = {name: heldout_loss(model, s, int(p["seq_len"]), int(p["eval_tokens"]),
-                                             int(p["eval_batch_size"]), device) for name, s in heldout.items()}
-                trainer["heldout"][ph.name] = losses
-                row["metrics"].update({f"eval/heldout_{name}_loss": v for name, v in losses.items()})
-            trainer["history"].append(row)
-            _log_row(live, row)
-        if phase_end or done % int(p["checkpoint_every"]) == 0 or done == stop:
-            trainer["wall_time"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save_resume_state(state_root, model, optimizer, trainer)
-    bar.close()
-    if trainer["step"] < total:
-        live.end()
+    def after_step(out: training.StepOutput) -> None:
+        if on_step is not None:
+            on_step(out.step - 1, batches.windows)
+        ph = phase_at(schedule, out.step - 1)
+        out.metrics["train/phase"] = ph.index
+        if out.step == ph.end:
+            save_phase_checkpoint(state_root / "phases" / ph.name, engine, tokens_dir, NanbeigeForCausalLM,
+                                  save_pretrained)
+            losses = {name: heldout_loss(engine, s, int(p["seq_len"]), int(p["eval_tokens"]),
+                                         int(p["eval_batch_size"])) for name, s in heldout.items()}
+            trainer.state["stage"]["heldout"][ph.name] = losses
+            out.metrics.update({f"eval/heldout_{name}_loss": v for name, v in losses.items()})
+            out.milestone = True
+
+    try:
+        finished = trainer.run(schedule.total_steps, stop=max_steps, before_step=before_step, after_step=after_step)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    if not world.is_writer:
         return None
-    manifest = finish(schedule, plan_path, tokens_dir, output_dir, state_root, p, model_p, trainer, cfg)
+    manifest = finish(schedule, plan_path, tokens_dir, output_dir, state_root, p, model_p, trainer.state, batches,
+                      cfg) if finished else None
     live.end()
     return manifest
 
 
-def _log_row(live, row: dict) -> None:
-    live.step = row["step"]
-    for name, value in row["metrics"].items():
-        live.log_metric(name, value)
-    live.next_step()
-
-
-def save_phase_checkpoint(dest: Path, model, tokens_dir: Path, save_pretrained) -> None:
-    """A standalone HF checkpoint: model.safetensors + config.json + the tokenizer files."""
+def save_phase_checkpoint(dest: Path, engine, tokens_dir: Path, model_class, save_pretrained) -> None:
+    """A standalone HF checkpoint: model.safetensors + config.json + the tokenizer files, written by the writer
+    from the backend's full weights (gathered on every rank) in a weightless (meta) module of the current config."""
+    weights = engine.hf_weights()
+    if not engine.world.is_writer:
+        return
+    with torch.device("meta"):
+        module = model_class(engine.model.config)
+    module.load_state_dict(weights, assign=True)
     with common.atomic_dir(dest) as tmp:
-        save_pretrained(model, tmp)
+        save_pretrained(module, tmp)
         copy_tokenizer_files(tokens_dir, tmp)
 
 
+def tokens_consumed(schedule: Schedule, steps_done: int, seq_per_step: int) -> list[int]:
+    """Tokens trained per phase after `steps_done` optimizer steps (inputs, seq_len per sequence)."""
+    return [min(max(steps_done - ph.start, 0), ph.steps) * seq_per_step * ph.seq_len for ph in schedule.phases]
+
+
 def finish(schedule: Schedule, plan_path, tokens_dir: Path, output_dir: Path, state_root: Path, p: dict,
-           model_p: dict, trainer: dict, cfg) -> dict:
+           model_p: dict, state: dict, batches: PretrainBatches, cfg) -> dict:
     """Materialize phases/<phase>/ and final/ (= the last phase's checkpoint) from the resume directory, then the
     manifest, last."""
     files = []
     for ph in schedule.phases:
-        files += link_or_copy_dir(state_root / "phases" / ph.name, output_dir / "phases" / ph.name)
+        files += training.materialize(state_root / "phases" / ph.name, output_dir / "phases" / ph.name)
     last = schedule.phases[-1].name
-    files += link_or_copy_dir(state_root / "phases" / last, output_dir / "final")
+    files += training.materialize(state_root / "phases" / last, output_dir / "final")
+    consumed = tokens_consumed(schedule, state["step"], batches.seq_per_step)
     phases = [{"name": ph.name, "stage": ph.stage, "steps": ph.steps, "seq_len": ph.seq_len,
                "rope_theta_scale": ph.rope_theta_scale, "tokens_planned": ph.planned_tokens,
-               "tokens_consumed": trainer["tokens_consumed"][ph.index], "mixture": ph.mixture}
+               "tokens_consumed": consumed[ph.index], "mixture": ph.mixture}
               for ph in schedule.phases]
-    counts = {"steps": schedule.total_steps, "tokens_consumed": sum(trainer["tokens_consumed"]),
+    counts = {"steps": schedule.total_steps, "tokens_consumed": sum(consumed),
               "tokens_planned": sum(ph.planned_tokens for ph in schedule.phases), "phases": phases}
     streams = common.read_manifest(tokens_dir / "manifest.json")["buckets"]
+    cursors = batches.cursors
     extra = {"schedule": schedule.kind, "model_params": model_p, "num_parameters": cfg.num_parameters(),
-             "wall_time_s": round(trainer["wall_time"], 3), "loss_start": trainer["loss_start"],
-             "loss_end": trainer["loss_end"], "heldout_loss": trainer["heldout"],
-             "bucket_cursors": trainer["cursors"],
-             "bucket_epochs": {b: trainer["cursors"][b] / streams[b]["tokens"] for b in sorted(trainer["cursors"])},
+             "wall_time_s": round(state["wall_time"], 3), "loss_start": state["loss_start"],
+             "loss_end": state["loss_end"], "heldout_loss": state["stage"]["heldout"], "bucket_cursors": cursors,
+             "bucket_epochs": {b: cursors[b] / streams[b]["tokens"] for b in sorted(cursors)},
              "resume_dir": str(state_root)}
     return common.write_manifest(output_dir / "manifest.json", stage=STAGE, params=p,
                                  inputs=[plan_path, tokens_dir / "manifest.json"], outputs=files, counts=counts,
-                                 code=common.code_version(f"stages.{STAGE}", "stages.lr_schedule", "stages.tokenize",
-                                                          "model.llama", "model.ops", "model.checkpoint", "model.config"),
-                                 extra=extra)
+                                 code=common.code_version_closure(*CODE), extra=extra)
 
 
 def main() -> None:
@@ -412,8 +395,13 @@ def main() -> None:
         model_p = common.resolve_cli_params(args, "model")
         manifest = run_pretrain(args.plan, args.tokens_dir, args.output_dir, args.resume_dir, p, model_p,
                                 args.live_dir, max_steps=args.max_steps)
-    except common.StageError as exc:
+    except (common.StageError, ModelError) as exc:
         common.fail(exc)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not training.World.from_env().is_writer:
+        return
     if manifest is None:
         print(f"pretrain: stopped at --max-steps {args.max_steps}; rerun to resume")
         return

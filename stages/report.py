@@ -1,15 +1,22 @@
 """The report card: one markdown page + PNG plots, gathered from what the stages wrote.
 
 Sections: the data funnel and utility histogram, the FG-WSD plan and the pretraining curve (loss and LR by
-phase), held-out loss at each phase end, accuracy per benchmark per checkpoint, time and tokens per stage,
-the paper's table beside ours, and the ablation study when one has been run (tools/ablate.py).
-Every figure is read from an artifact of this run; nothing is typed in except the paper's published numbers
-(data/paper_results.yaml). Evaluation metrics also go to dvclive (dvclive/eval) for `dvc metrics show` and
-`dvc exp show`.
+phase), held-out loss at each phase end, accuracy per benchmark per checkpoint with its 95% interval, post-training
+(held-out ladder accuracy per level of base, teacher, sft_cold, sft_full, distill; what each stage bought, paired
+against the previous evaluated stage; the teacher's margin over the student; the SFT data's pass rates and rejection
+reasons), time and tokens per stage, the paper's table beside ours, and the ablation study when one has been run
+(tools/ablate.py). Every figure is read from an artifact of this run; nothing is typed in except the paper's published
+numbers (data/paper_results.yaml); a checkpoint that was not evaluated has no row. Evaluation metrics also go to
+dvclive (dvclive/eval) for `dvc metrics show` and `dvc exp show`.
+
+A difference between two checkpoints is "beyond the interval" when the 95% paired-bootstrap interval of the
+per-problem difference (stages.eval_stats.paired_difference, report.bootstrap_resamples) excludes 0, else "inside
+the interval": a gain inside it is not told from sampling noise on this many problems.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import matplotlib
@@ -18,9 +25,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from stages import common  # noqa: E402
+from stages import common, eval_stats  # noqa: E402
 
 STAGE = "report"
+POST_TRAINING = ("base", "teacher", "sft_cold", "sft_full", "distill")  # the recipe's order; rows only when evaluated
+STUDENT_CHAIN = ("base", "sft_cold", "sft_full", "distill")  # each stage starts from the one before it
 REPO = common.REPO
 PNG_META = {"Software": None}  # no version stamp: the same run gives the same bytes
 
@@ -110,10 +119,14 @@ def plot_eval(evals: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(benches) / 2), 4))
     width = 0.8 / len(benches)
     for j, bench in enumerate(benches):
-        ys = [100 * evals[n].get(bench, {}).get("avg@k", 0.0) for n in names]
-        ax.bar([i + j * width for i in range(len(names))], ys, width, label=bench)
+        ms = [evals[n].get(bench) for n in names]
+        ys = [100 * m["avg@k"] if m else 0.0 for m in ms]
+        # a percentile interval need not hold the mean (a skewed resample distribution): bars never go negative
+        err = [[max(0.0, y - 100 * m["avg@k:ci95_low"]) if m else 0.0 for y, m in zip(ys, ms)],
+               [max(0.0, 100 * m["avg@k:ci95_high"] - y) if m else 0.0 for y, m in zip(ys, ms)]]
+        ax.bar([i + j * width for i in range(len(names))], ys, width, yerr=err, capsize=2, label=bench)
     ax.set_xticks([i + width * (len(benches) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
-    ax.set_ylabel("avg@k (%)")
+    ax.set_ylabel("avg@k (%), 95% interval")
     ax.set_title("Accuracy per benchmark per checkpoint")
     ax.legend(fontsize=8)
     return savefig(fig, out)
@@ -127,33 +140,248 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+    """A rate in percent, one decimal; "—" when it is not a number (not measured)."""
+    return f"{100 * x:.1f}" if _number(x) else "—"
+
+
+def pct_ci(m: dict | None, metric: str = "avg@k") -> str:
+    """A metric in percent with its 95% interval, "12.5 [8.1, 18.0]"; "—" when not measured."""
+    if not m:
+        return "—"
+    return f"{pct(m[metric])} [{pct(m[f'{metric}:ci95_low'])}, {pct(m[f'{metric}:ci95_high'])}]"
+
+
+def signed_ci(d: dict) -> str:
+    """A paired difference in points with its 95% interval, "+4.2 [-1.0, +9.5]"."""
+    return f"{100 * d['delta']:+.1f} [{100 * d['ci95_low']:+.1f}, {100 * d['ci95_high']:+.1f}]"
+
+
+def final_student(evals: dict) -> str | None:
+    """The last post-trained student stage evaluated (distill, else sft_full, else sft_cold)."""
+    return next((n for n in reversed(STUDENT_CHAIN[1:]) if n in evals), None)
 
 
 def paper_table(paper: dict, evals: dict, scale: str) -> str:
-    """The paper's published numbers beside ours for the same benchmark (ours from the final base model)."""
-    ours = evals.get("base", {})
+    """The paper's published numbers beside ours for the same benchmark: post-trained rows from our final evaluated
+    student (distill, sft_full or sft_cold; the base model when none is), base rows from the base model."""
+    post = final_student(evals) or "base"
     rows = []
-    for kind, key in (("post-trained", "post_trained"), ("base, few-shot", "base_few_shot")):
+    for kind, key, source in (("post-trained", "post_trained", post), ("base, few-shot", "base_few_shot", "base")):
         for bench in paper[key]:
-            mine = ours.get(bench["ours"], {}).get("avg@k") if bench["ours"] else None
-            rows.append([bench["name"], kind, bench["nanbeige4_3b"], pct(mine)])
-    note = ("Ours comes from this run's base model; at the `tiny` scale it is a pipeline check, not a comparable "
-            "figure. Our BFCL is the non-live single-turn Python subset." if scale != "3b" else
-            "Ours comes from this run's base model (the post-training stages are not built yet).")
+            m = evals.get(source, {}).get(bench["ours"]) if bench["ours"] else None
+            rows.append([bench["name"], kind, bench["nanbeige4_3b"], f"{pct_ci(m)} ({source})" if m else "—"])
+    note = (f"Post-trained rows: ours from `{post}`" + ("" if post != "base" else " (no post-trained checkpoint "
+            "evaluated yet)") + "; base rows from `base`. Brackets: 95% interval.")
+    if scale != "3b":
+        note += (" At the `tiny` scale this is a pipeline check, not a comparable figure. Our BFCL is the non-live "
+                 "single-turn Python subset.")
     return md_table(["benchmark", "model", "Nanbeige4-3B (paper)", f"ours ({scale})"], rows) + "\n\n" + note
 
 
-def ablation_section(path: Path) -> str:
+# ----------------------------------------------------------------------------- post-training
+
+def ladder_section(evals: dict) -> str:
+    """Held-out ladder accuracy per level (avg@k and its 95% interval) of each post-training checkpoint evaluated."""
+    names = [n for n in POST_TRAINING if n in evals]
+    ladders = sorted({b for n in names for b, m in evals[n].items() if "by_level" in m})
+    if not ladders:
+        return "No ladder benchmark evaluated (evaluate.run has no `ladder` entry)."
+    parts = []
+    for bench in ladders:
+        levels = sorted({lv for n in names for lv in evals[n].get(bench, {}).get("by_level", {})}, key=int)
+        rows = [[n, evals[n][bench]["prompt_format"], evals[n][bench]["n_problems"],
+                 *[pct_ci(evals[n][bench]["by_level"].get(lv)) for lv in levels], pct_ci(evals[n][bench])]
+                for n in names if bench in evals[n]]
+        method = {evals[n][bench]["ci95_method"] for n in names if bench in evals[n]}
+        parts += [f"`{bench}` (avg@k %, 95% interval: {', '.join(sorted(method))} over problems):", "",
+                  md_table(["checkpoint", "format", "problems", *[f"L{lv}" for lv in levels], "overall"], rows), ""]
+    return "\n".join(parts).rstrip()
+
+
+def compare(scores: dict, before: str, after: str, bench: str, resamples: int, seed: int) -> dict | None:
+    """after - before on one benchmark, paired over the problems both were scored on (None when they share none)."""
+    return eval_stats.paired_difference(scores[before][bench], scores[after][bench], resamples,
+                                        eval_stats.derived_seed(seed, "compare", before, after, bench))
+
+
+def stage_deltas(evals: dict, scores: dict, resamples: int, seed: int) -> list[dict]:
+    """What each student stage bought: each evaluated stage of STUDENT_CHAIN against the evaluated one before it, on
+    every benchmark both ran. Rows {"stage", "previous", "benchmark", "before", "after", **paired_difference}."""
+    chain = [n for n in STUDENT_CHAIN if n in evals]
+    rows = []
+    for prev, cur in zip(chain, chain[1:]):
+        for bench in sorted(set(evals[prev]) & set(evals[cur])):
+            d = compare(scores, prev, cur, bench, resamples, seed)
+            if d is not None:
+                rows.append({"stage": cur, "previous": prev, "benchmark": bench, "before": evals[prev][bench],
+                             "after": evals[cur][bench], **d})
+    return rows
+
+
+def teacher_margin(evals: dict, scores: dict, resamples: int, seed: int) -> list[dict]:
+    """teacher - final student on every benchmark both ran (rows as stage_deltas'); none without both."""
+    student = final_student(evals)
+    if "teacher" not in evals or student is None:
+        return []
+    rows = []
+    for bench in sorted(set(evals["teacher"]) & set(evals[student])):
+        d = compare(scores, student, "teacher", bench, resamples, seed)
+        if d is not None:
+            rows.append({"stage": "teacher", "previous": student, "benchmark": bench, "before": evals[student][bench],
+                         "after": evals["teacher"][bench], **d})
+    return rows
+
+
+def comparison_table(rows: list[dict], before: str, after: str) -> str:
+    return md_table(["benchmark", f"{before} (%)", f"{after} (%)", "delta, points [95%]", "problems", "verdict"],
+                    [[r["benchmark"], pct_ci(r["before"]), pct_ci(r["after"]), signed_ci(r), r["n"], r["verdict"]]
+                     for r in rows])
+
+
+def comparison_metrics(rows: list[dict], key: str, name: str) -> dict[str, float]:
+    """dvclive entries of comparison rows: <key>/<name>, <key>/ci95_low, <key>/ci95_high (key formatted by the row)."""
+    out = {}
+    for r in rows:
+        prefix = key.format(**r)
+        out.update({f"{prefix}/{name}": r["delta"], f"{prefix}/ci95_low": r["ci95_low"],
+                    f"{prefix}/ci95_high": r["ci95_high"]})
+    return out
+
+
+def _part(data: dict, key: str, kind: type):
+    """data[key] when it is a `kind` (dict or list), else an empty one: another engineer's file, read defensively."""
+    value = data.get(key)
+    return value if isinstance(value, kind) else kind()
+
+
+def sft_data_section(path: Path | None) -> tuple[str, dict[str, float]]:
+    """(markdown, dvclive metrics) of the sft_data stage's metrics.json (stages/sft_data.py): counts, per-round
+    solved and candidate pass rates, checklist item pass rates, rejection reasons. Read defensively: each part is
+    rendered when present and well-formed, a missing file is said, nothing is faked."""
+    data = common.read_manifest(path) if path is not None else None
+    if not isinstance(data, dict):
+        return "No SFT data metrics (the sft_data stage has not run).", {}
+    lines, live = [], {}
+    counts = _part(data, "counts", dict)
+    if all(_number(counts.get(k)) for k in ("instructions", "kept", "rejected")):
+        lines += [f"{counts['instructions']} instructions -> {counts['kept']} kept, {counts['rejected']} rejected.", ""]
+        live.update({f"sft_data/count/{k}": float(counts[k]) for k in ("instructions", "kept", "rejected")})
+    rounds = [r for r in _part(data, "rounds", list) if isinstance(r, dict) and _number(r.get("round"))]
+    if rounds:
+        lines += [md_table(["round", "instructions", "solved (%)", "candidates", "candidate pass rate (%)"],
+                           [[r["round"], r.get("instructions", "—"), pct(r.get("solved_rate")),
+                             r.get("candidates", "—"), pct(r.get("candidate_pass_rate"))] for r in rounds]), ""]
+        live.update({f"sft_data/round_{r['round']}/{k}": float(r[k]) for r in rounds
+                     for k in ("solved_rate", "candidate_pass_rate") if _number(r.get(k))})
+    items = {k: v for k, v in _part(data, "items", dict).items()
+             if isinstance(v, dict) and _number(v.get("pass_rate"))}
+    if items:
+        lines += [md_table(["checklist item", "checked", "passed", "pass rate (%)"],
+                           [[k, v.get("checked", "—"), v.get("passed", "—"), pct(v["pass_rate"])]
+                            for k, v in items.items()]), ""]
+        live.update({f"sft_data/item_pass_rate/{k}": float(v["pass_rate"]) for k, v in items.items()})
+    rejections = {k: v for k, v in _part(data, "rejections", dict).items() if _number(v)}
+    if rejections:
+        lines += [md_table(["rejection reason", "count"], [[k, v] for k, v in rejections.items()]), ""]
+        live.update({f"sft_data/rejected/{k}": float(v) for k, v in rejections.items()})
+    if not lines:
+        return f"The SFT data metrics ({path}) have none of counts, rounds, items, rejections in a known shape.", {}
+    return "\n".join(lines).rstrip(), live
+
+
+def post_training_section(evals: dict, scores: dict, resamples: int, seed: int,
+                          sft_data: Path | None = None) -> tuple[str, dict[str, float]]:
+    """(markdown, dvclive metrics) of the post-training part of the card: ladder per level, stage deltas, the
+    teacher's margin, the SFT data. Only evaluated checkpoints appear."""
+    evaluated = [n for n in POST_TRAINING if n in evals]
+    missing = [n for n in POST_TRAINING if n not in evals]
+    s = ["## Post-training", "",
+         f"Evaluated: {', '.join(evaluated) or 'none'}" + (f"; not evaluated (no row): {', '.join(missing)}."
+                                                           if missing else "."), "",
+         "### Held-out task ladder, per level", "", ladder_section(evals), ""]
+    live: dict[str, float] = {}
+    deltas = stage_deltas(evals, scores, resamples, seed)
+    s += ["### What each stage bought", ""]
+    if deltas:
+        s += ["Each stage against the evaluated stage before it (avg@k; delta paired over the same problems, 95% "
+              f"bootstrap interval, {resamples} resamples). \"Inside the interval\": not told from noise.", ""]
+        for prev, cur in dict.fromkeys((r["previous"], r["stage"]) for r in deltas):
+            rows = [r for r in deltas if r["stage"] == cur]
+            s += [f"`{cur}` vs `{prev}`:", "", comparison_table(rows, prev, cur), ""]
+        live.update(comparison_metrics(deltas, "stage_delta/{stage}/{benchmark}", "delta"))
+    else:
+        s += ["Needs two evaluated stages of " + " -> ".join(STUDENT_CHAIN) + f"; evaluated: "
+              f"{', '.join(n for n in STUDENT_CHAIN if n in evals) or 'none'}.", ""]
+    margins = teacher_margin(evals, scores, resamples, seed)
+    s += ["### The teacher's margin over the student", ""]
+    if margins:
+        s += [comparison_table(margins, margins[0]["previous"], "teacher"), ""]
+        live.update(comparison_metrics(margins, "teacher_margin/{benchmark}", "margin"))
+    else:
+        s += ["Needs the teacher and a post-trained student (sft_cold, sft_full or distill) evaluated.", ""]
+    text, sft_live = sft_data_section(sft_data)
+    s += ["### SFT data (generate-critique-revise)", "", text]
+    live.update(sft_live)
+    return "\n".join(s), live
+
+
+def _md5(path: Path) -> str | None:
+    """DVC's hash of a file (md5 of its bytes), None when absent."""
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ablation_provenance(study: dict, repo: Path) -> str:
+    """'current' when every run saw this workspace's provenance inputs, else what differs (a stale or foreign table)."""
+    runs = study.get("runs")
+    if not runs:
+        return "provenance unknown (made by an older tools/ablate.py): treat as foreign and rerun"
+    differs = sorted({path for r in runs for path, h in r["inputs"].items() if h is None or h != _md5(repo / path)})
+    if differs:
+        return ("STALE: made on inputs that differ from this workspace's (" + ", ".join(differs)
+                + "); rerun `" + study["command"] + "`")
+    return "current: every run used this workspace's " + ", ".join(sorted(runs[0]["inputs"])) + \
+        " (commits " + ", ".join(sorted({str(r["rev"])[:8] for r in runs})) + ")"
+
+
+def ablation_section(path: Path, repo: Path = REPO) -> str:
+    """Each study: mean +- sample sd over seeds per variant, the per-seed values, and where the figures came from."""
     if not path.is_file():
         return ("No ablation results yet: `python -m tools.ablate` runs the study as DVC experiments "
                 "(FG-WSD vs WSD vs cosine) and the next report includes its table.")
     results = read_json(path)
-    header = ["variant", *results["columns"]]
-    rows = [[r["variant"], *[("—" if r.get(c) is None else f"{r[c]:.4f}") for c in results["columns"]]]
-            for r in results["rows"]]
-    return md_table(header, rows) + f"\n\nCommand: `{results['command']}`"
+    parts = []
+    for study in results.get("studies", []):
+        seeds = study.get("seeds") or []
+        header = ["variant", *[f"{c} (mean ± sd, n)" if seeds else c for c in study["columns"]]]
+        rows = []
+        for r in study["rows"]:
+            cells = []
+            for c in study["columns"]:
+                values = r.get(f"{c}:values") or ([] if r.get(c) is None else [r[c]])
+                sd = r.get(f"{c}:sd")
+                if not values:
+                    cells.append("—")
+                elif sd is None:
+                    cells.append(f"{values[0]:.4f}" + (" (n=1)" if seeds else ""))
+                else:
+                    cells.append(f"{r[c]:.4f} ± {sd:.4f} (n={len(values)})")
+            rows.append([r["variant"], *cells])
+        parts += [f"Study `{study['study']}`" + (f", seeds {seeds}" if seeds else "") + ":", "", md_table(header, rows),
+                  "", f"Command: `{study['command']}`. Provenance: {ablation_provenance(study, repo)}.", ""]
+    if not parts:
+        return "The ablation results file has no studies: rerun `python -m tools.ablate`."
+    return "\n".join(parts).rstrip()
 
 
 def stage_times(bench_dir: Path) -> list[list]:
@@ -176,13 +404,15 @@ def stage_times(bench_dir: Path) -> list[list]:
 def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str | Path, live_dir: str | Path,
                  params: dict, pretrain_live: Path = REPO / "dvclive" / "pretrain",
                  paper_file: Path = REPO / "data" / "paper_results.yaml",
-                 ablation_file: Path | None = None, bench_dir: Path | None = None) -> str:
+                 ablation_file: Path | None = None, bench_dir: Path | None = None,
+                 sft_data_file: Path | None = None) -> str:
     art, out = Path(artifacts), Path(output_dir)
     scale = params["scale"]
     funnel = read_json(art / "funnel" / "funnel.json")
     plan = read_json(art / "schedule" / "plan.json")
     pretrain = read_json(art / "pretrain" / "manifest.json")
     evals = {name: read_json(art / "eval" / name / "metrics.json") for name in checkpoints}
+    scores = {name: read_json(art / "eval" / name / "scores.json") for name in checkpoints}
     paper = yaml.safe_load(paper_file.read_text(encoding="utf-8"))
 
     pngs = [plot_funnel(funnel, out / "data_funnel.png"),
@@ -222,13 +452,21 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
               md_table(["phase", *sets], [[ph, *[f"{heldout[ph][k]:.4f}" for k in sets]] for ph in order]), ""]
 
     benches = sorted({b for m in evals.values() for b in m})
+    methods = sorted({m["ci95_method"] for ms in evals.values() for m in ms.values()})
     s += ["## Evaluation", "",
-          "Sampling protocol from params (temperature, top-p, n samples per problem); avg@k and unbiased pass@k.", "",
-          md_table(["checkpoint", *[f"{b} avg@k / pass@k (%)" for b in benches]],
-                   [[name, *[f"{pct(m.get(b, {}).get('avg@k'))} / {pct(m.get(b, {}).get('pass@k'))}" for b in benches]]
+          "Sampling protocol from params (temperature, top-p, n samples per problem); avg@k with its 95% interval "
+          "over problems (Wilson for one 0/1 sample per problem, else a bootstrap over problems; here "
+          f"{', '.join(methods) or '—'}), and unbiased pass@k. Format: the checkpoint's prompt format "
+          "(evaluate.per_checkpoint).", "",
+          md_table(["checkpoint", "format", *[f"{b} avg@k [95%] / pass@k (%)" for b in benches]],
+                   [[name, ", ".join(sorted({b["prompt_format"] for b in m.values()})) or "—",
+                     *[f"{pct_ci(m.get(b))} / {pct(m.get(b, {}).get('pass@k'))}" for b in benches]]
                     for name, m in evals.items()]), ""]
     if pngs[2]:
         s += ["![evaluation](eval_accuracy.png)", ""]
+    post, post_live = post_training_section(evals, scores, int(params["bootstrap_resamples"]), int(params["seed"]),
+                                            sft_data_file)
+    s += [post, ""]
 
     s += ["## Time and tokens per stage", ""]
     times = stage_times(bench_dir) if bench_dir and bench_dir.is_dir() else []
@@ -247,9 +485,13 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
     live = common.open_live(live_dir)
     for name, metrics in evals.items():
         for bench, m in metrics.items():
-            for key in ("avg@k", "pass@1"):
-                if key in m:
-                    live.log_metric(f"{name}/{bench}/{key}", round(m[key], 6), plot=False)
+            for key in ("avg@k", "avg@k:ci95_low", "avg@k:ci95_high", "pass@1"):
+                live.log_metric(f"{name}/{bench}/{key}", round(m[key], 6), plot=False)
+            for lv, ml in m.get("by_level", {}).items():
+                for key in ("avg@k", "avg@k:ci95_low", "avg@k:ci95_high"):
+                    live.log_metric(f"{name}/{bench}/L{lv}/{key}", round(ml[key], 6), plot=False)
+    for key, value in post_live.items():
+        live.log_metric(key, round(value, 6), plot=False)
     for ph, vals in heldout.items():
         for k, v in vals.items():
             live.log_metric(f"heldout/{ph}/{k}", round(v, 6), plot=False)
@@ -275,13 +517,15 @@ def main() -> None:
     ap.add_argument("--pretrain-live", default="dvclive/pretrain")
     ap.add_argument("--ablation", default=None, help="ablation results JSON (tools/ablate.py), if any")
     ap.add_argument("--benchmarks-dir", default=None, help="Snakemake benchmark files, if any")
+    ap.add_argument("--sft-data", default=None, help="the sft_data stage's metrics.json, if any")
     args = ap.parse_args()
     try:
         params = common.resolve_cli_params(args, STAGE)
         write_report(args.artifacts, args.checkpoints.split(","), args.output_dir, args.live_dir, params,
                      pretrain_live=Path(args.pretrain_live),
                      ablation_file=Path(args.ablation) if args.ablation else None,
-                     bench_dir=Path(args.benchmarks_dir) if args.benchmarks_dir else None)
+                     bench_dir=Path(args.benchmarks_dir) if args.benchmarks_dir else None,
+                     sft_data_file=Path(args.sft_data) if args.sft_data else None)
     except common.StageError as exc:
         common.fail(exc)
     print(f"report card: {Path(args.output_dir) / 'report.md'}")

@@ -14,7 +14,8 @@ saturated as sat(x; k) = x / (x + k) (half credit when the rate x equals its sca
   tag_code_quality      = mean(sat(comment lines/L; comment_rate), 1 - lines over max_code_line_chars/L,
                                identifiers of 3+ chars / identifiers)   for code documents (domain in code_domains);
                                                                       null (not applicable) for every other document
-  tag_classifier        = p = p(reference | d), the quality_model classifier
+  tag_classifier        = p = p(reference | d), from the quality_model classifier cross-fitted without d's fold
+                          (so no document, sampled negative or seed copy, is scored by a classifier that saw it)
   retrieval_sim         = max cosine similarity of d's tf-idf vector to the seed set
 
 and the utility is the documented weighted mean of the tags (the paper: content tags predict quality better than
@@ -202,7 +203,8 @@ def score_batch(batch: pa.RecordBatch, model: QualityModel, p: dict) -> pa.Recor
     texts = batch.column("text")
     text_list = texts.to_pylist()
     is_code = pc.is_in(batch.column("domain"), value_set=pa.array(p["code_domains"], pa.string()))
-    tags = quality_tags(texts, is_code.to_numpy(zero_copy_only=False), model.classifier_probability(text_list), p)
+    p_reference = model.classifier_probability(batch.column("id").to_pylist(), text_list)
+    tags = quality_tags(texts, is_code.to_numpy(zero_copy_only=False), p_reference, p)
     tags["retrieval_sim"] = model.retrieval_similarity(text_list)
     utility = utility_score(tags, p["utility_weights"], p["utility_range"])
     columns = dict(zip(batch.schema.names, batch.columns))
@@ -218,22 +220,24 @@ def output_schema(input_schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
-def score_shard(input_path: str | Path, output_path: str | Path, model: QualityModel, p: dict) -> int:
-    """Score one shard batch by batch, streaming the output; every input row comes out (conservation)."""
+def score_shard(input_path: str | Path, output_path: str | Path, model: QualityModel, p: dict) -> dict:
+    """Score one shard batch by batch, streaming the output; every input row comes out (conservation).
+    Returns the manifest counts: rows in and scored, and rows per cross-fit classifier."""
     input_path = Path(input_path)
     schema = output_schema(pq.read_schema(input_path))
     for column in ("id", "text", "domain"):
         if column not in schema.names:
             raise common.StageError(f"{input_path}: shard lacks the '{column}' column")
-    rows = 0
+    rows, by_fold = 0, np.zeros(len(model.intercept), dtype=np.int64)
     with common.table_writer(output_path, schema) as append:
         for batch in tqdm(common.iter_record_batches(input_path, batch_size=int(p["batch_rows"])),
                           desc=f"score {input_path.stem}", unit="batch", file=sys.stderr, disable=None):
             scored = score_batch(batch, model, p)
             append(pa.Table.from_batches([scored], schema=schema))
             rows += scored.num_rows
+            by_fold += np.bincount(model.fold(batch.column("id").to_pylist()), minlength=len(by_fold))
         common.check_conservation(STAGE, input_path.stem, common.count_rows(input_path), scored=rows)
-    return rows
+    return {"in": rows, "scored": rows, "scored_by_fold": [int(n) for n in by_fold]}
 
 
 def _paths(shard: str, input_dir: str | Path, model_dir: str | Path, output_dir: str | Path):
@@ -251,9 +255,9 @@ def score_one(shard: str, input_dir: str | Path, model_dir: str | Path, output_d
     """Score one shard and write its manifest last."""
     inputs, output, manifest = _paths(shard, input_dir, model_dir, output_dir)
     model = model or load_quality_model(model_dir)
-    rows = score_shard(inputs[0], output, model, p)
-    return common.write_manifest(manifest, stage=STAGE, params=p, inputs=inputs, outputs=[output],
-                                 counts={"in": rows, "scored": rows}, code=code())
+    counts = score_shard(inputs[0], output, model, p)
+    return common.write_manifest(manifest, stage=STAGE, params=p, inputs=inputs, outputs=[output], counts=counts,
+                                 code=code())
 
 
 def score_all(input_dir: str | Path, model_dir: str | Path, output_dir: str | Path, p: dict,

@@ -3,12 +3,23 @@
 DuckDB SQL over the scored shards, thresholds from params (score wrote continuous columns, so a new cut-off reruns
 only this stage):
 
-  pool      = utility >= pool_min_utility, or recalled: retrieval_sim >= recall_min_sim (retrieval-based recall of
-              documents close to the seed set even when their tags score low), ranked by utility desc then id and
-              cut where the running token sum passes budgets.pool_tokens
+  pool      = utility candidates (utility >= pool_min_utility) and recall candidates (utility below it but
+              retrieval_sim >= recall_min_sim: retrieval-based recall of documents close to the seed set even when
+              their tags score low). Recall has its own share of the budget, since a recalled document ranks below
+              every utility candidate by definition and a single utility ranking would always cut it first:
+                R_recall  = max(floor(recall_share B), B - U)       B = budgets.pool_tokens, U = utility candidates'
+                                                                    tokens (recall also takes what utility leaves)
+                recalled  = recall candidates ranked by retrieval_sim desc then id, cut where the running token sum
+                            passes R_recall; r = their tokens
+                kept      = utility candidates ranked by utility desc then id, cut where the running sum passes B - r
+              so the pool holds <= B tokens and recall gets min(its candidates, R_recall) when the budget binds
   top       = pool documents with utility >= top_min_utility, same ranking, cut at budgets.top_tokens
   bucket    = "<tier>/<group>": tier top, or pool (in the pool, not top); group = domain_groups[domain] or
               default_group
+
+Token counts here are estimates (approx_tokens = bytes / 4, from ingest): budgets and the epochs below size the
+selection; the FG-WSD plan (`schedule`) recomputes epochs and mixtures from tokenize's real per-bucket BPE counts.
+buckets.json carries min_top_epochs and max_epochs for it.
 
 Epochs (the pool tier is seen once, the top subset fills the rest of the stream, as 6T x 1 + 6.5T x 2.6 = 23T):
 with H top tokens, P pool-tier tokens, T = budgets.train_tokens, m = min_top_epochs, M = max_epochs,
@@ -20,6 +31,7 @@ so the stream e_top H + e_pool P equals T unless even M epochs of everything fal
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import duckdb
@@ -48,6 +60,13 @@ def bucket_epochs(top_tokens: int, pool_tokens: int, train_tokens: int, min_top_
     return {"top": round(e_top, 6), "pool": round(e_pool, 6), "stream_tokens": round(e_top * h + e_pool * pl)}
 
 
+def recall_budget(pool_tokens: int, recall_share: float) -> int:
+    """floor(recall_share B): the tokens reserved for recalled documents (before what utility leaves unused)."""
+    if not 0.0 <= float(recall_share) <= 1.0:
+        raise common.StageError(f"{STAGE}: recall_share must lie in [0, 1], got {recall_share}")
+    return math.floor(float(recall_share) * pool_tokens)
+
+
 def _budgets(p: dict) -> dict:
     budgets = p.get("budgets") or {}
     missing = [k for k in ("pool_tokens", "top_tokens", "train_tokens") if k not in budgets]
@@ -72,37 +91,48 @@ CREATE TEMP TABLE decided AS
 WITH flagged AS (
     SELECT s.*, coalesce(g.grp, $default_group) AS grp,
            s.utility >= $pool_min AS by_utility,
-           coalesce(s.retrieval_sim, 0) >= $recall_min AS by_recall
+           s.utility < $pool_min AND coalesce(s.retrieval_sim, 0) >= $recall_min AS by_recall
     FROM scored s LEFT JOIN domain_groups g USING (domain)
-), ranked_pool AS (
-    SELECT *, by_utility OR by_recall AS candidate,
-           sum(approx_tokens) OVER (PARTITION BY by_utility OR by_recall
-                                    ORDER BY utility DESC, id, shard, row_no
-                                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS pool_cum
+), ranked AS (
+    SELECT *,
+           sum(approx_tokens) OVER (PARTITION BY by_utility ORDER BY utility DESC, id, shard, row_no
+                                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS pool_cum,
+           sum(approx_tokens) OVER (PARTITION BY by_recall ORDER BY retrieval_sim DESC, id, shard, row_no
+                                    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS recall_cum
     FROM flagged
+), recall_cap AS (
+    SELECT greatest($recall_tokens, $pool_tokens - coalesce(sum(approx_tokens) FILTER (by_utility), 0)) AS cap
+    FROM flagged
+), recall_kept AS (
+    SELECT r.*, r.by_recall AND r.recall_cum <= c.cap AS recalled, c.cap AS recall_cap FROM ranked r, recall_cap c
+), utility_cap AS (
+    SELECT $pool_tokens - coalesce(sum(approx_tokens) FILTER (recalled), 0) AS cap FROM recall_kept
 ), kept AS (
-    SELECT *, candidate AND pool_cum <= $pool_tokens AS kept FROM ranked_pool
+    SELECT r.*, recalled OR (by_utility AND pool_cum <= u.cap) AS kept, u.cap AS utility_cap
+    FROM recall_kept r, utility_cap u
 ), ranked_top AS (
     SELECT *, sum(approx_tokens) OVER (PARTITION BY kept AND utility >= $top_min
                                        ORDER BY utility DESC, id, shard, row_no
                                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS top_cum
     FROM kept
 )
-SELECT shard, row_no, approx_tokens, kept,
+SELECT shard, row_no, approx_tokens, kept, recalled, by_recall AS recall_candidate, recall_cap,
        CASE WHEN NOT kept THEN NULL
             WHEN utility >= $top_min AND top_cum <= $top_tokens THEN 'top/' || grp
             ELSE 'pool/' || grp END AS bucket,
-       kept AND NOT by_utility AS recalled,
-       CASE WHEN kept AND NOT by_utility
+       CASE WHEN recalled
             THEN printf('retrieval_sim %.4f >= %.4f with utility %d < %d', retrieval_sim, $recall_min, utility,
                         $pool_min)
             ELSE '' END AS recall_reason,
-       CASE WHEN kept THEN NULL WHEN NOT candidate THEN 'below_pool_utility' ELSE 'over_pool_budget' END AS rule,
+       CASE WHEN kept THEN NULL WHEN by_recall THEN 'over_recall_budget' WHEN NOT by_utility THEN 'below_pool_utility'
+            ELSE 'over_pool_budget' END AS rule,
        CASE WHEN kept THEN NULL
-            WHEN NOT candidate THEN printf('utility %d < %d and retrieval_sim %.4f < %.4f', utility, $pool_min,
-                                           coalesce(retrieval_sim, 0), $recall_min)
-            ELSE printf('cumulative pool tokens %d > pool budget %d (ranked by utility, then id)', pool_cum,
-                        $pool_tokens) END AS detail
+            WHEN by_recall THEN printf('cumulative recall tokens %d > recall budget %d (ranked by retrieval_sim, '
+                                       'then id)', recall_cum, recall_cap)
+            WHEN NOT by_utility THEN printf('utility %d < %d and retrieval_sim %.4f < %.4f', utility, $pool_min,
+                                            coalesce(retrieval_sim, 0), $recall_min)
+            ELSE printf('cumulative pool tokens %d > pool budget %d - %d recalled (ranked by utility, then id)',
+                        pool_cum, $pool_tokens, $pool_tokens - utility_cap) END AS detail
 FROM ranked_top
 """
 
@@ -131,6 +161,7 @@ def select_pool(input_dir: str | Path, output_dir: str | Path, p: dict) -> dict:
         raise common.StageError(f"{input_dir}: scored shards are unreadable or lack a column ({exc})") from None
     con.execute(DECIDE_SQL, {"default_group": str(p["default_group"]), "pool_min": int(p["pool_min_utility"]),
                              "recall_min": float(p["recall_min_sim"]), "pool_tokens": budgets["pool_tokens"],
+                             "recall_tokens": recall_budget(budgets["pool_tokens"], p["recall_share"]),
                              "top_min": int(p["top_min_utility"]), "top_tokens": budgets["top_tokens"]})
 
     outputs = []
@@ -158,17 +189,21 @@ def select_pool(input_dir: str | Path, output_dir: str | Path, p: dict) -> dict:
                            p["min_top_epochs"], p["max_epochs"])
     rules = dict(con.execute("SELECT rule, count(*) FROM decided WHERE NOT kept GROUP BY rule ORDER BY rule")
                  .fetchall())
-    scored, kept, recalled = con.execute("SELECT count(*), count(*) FILTER (kept), count(*) FILTER (recalled) "
-                                         "FROM decided").fetchone()
+    scored, kept, candidates, recalled, recall_tokens, recall_cap = con.execute(
+        """SELECT count(*), count(*) FILTER (kept), count(*) FILTER (recall_candidate), count(*) FILTER (recalled),
+                  coalesce(sum(approx_tokens) FILTER (recalled), 0), max(recall_cap) FROM decided""").fetchone()
     summary = {
         "budgets": budgets,
-        "thresholds": {k: p[k] for k in ("pool_min_utility", "top_min_utility", "recall_min_sim")},
+        "thresholds": {k: p[k] for k in ("pool_min_utility", "top_min_utility", "recall_min_sim", "recall_share")},
+        "epoch_bounds": {k: p[k] for k in ("min_top_epochs", "max_epochs")},
         "buckets": {b: {"docs": int(d), "approx_tokens": int(n), "epochs": epochs[b.split("/", 1)[0]]}
                     for b, d, n in per_bucket},
         "tiers": {t: {"approx_tokens": tier_tokens[t], "epochs": epochs[t]} for t in TIERS},
         "stream_tokens": epochs["stream_tokens"],
         "counts": {"scored": int(scored), "kept": int(kept), "rejected": int(scored - kept),
-                   "recalled": int(recalled), "rejected_by_rule": {r: int(n) for r, n in rules.items()}},
+                   "recall_candidates": int(candidates), "recalled": int(recalled),
+                   "recalled_tokens": int(recall_tokens), "recall_budget_tokens": int(recall_cap or 0),
+                   "rejected_by_rule": {r: int(n) for r, n in rules.items()}},
     }
     common.check_conservation(STAGE, "all", summary["counts"]["scored"], kept=summary["counts"]["kept"],
                               rejected=summary["counts"]["rejected"])

@@ -22,7 +22,8 @@ MODEL_PARAMS = {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "
                 "rope_theta": 10000.0, "seed": 7, "scale": "tiny"}
 PRETRAIN_PARAMS = {"schedule": "fgwsd", "seq_len": 16, "batch_size": 2, "grad_accum": 2, "adam_betas": [0.9, 0.95],
                    "adam_eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0, "checkpoint_every": 3, "log_every": 2,
-                   "eval_tokens": 256, "eval_batch_size": 4, "seed": 7, "scale": "tiny"}
+                   "eval_tokens": 256, "eval_batch_size": 4, "optimizer": "adamw", "progress_every_steps": 4,
+                   "progress_every_s": 60.0, "min_phase_steps": 1, "seed": 7, "scale": "tiny"}
 
 
 def text(rng: random.Random, words: int) -> str:

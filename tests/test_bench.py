@@ -70,7 +70,24 @@ def test_datatrove_filters_carry_our_thresholds_and_exemptions():
     assert specs["GopherQualityFilter"]["kwargs"]["min_doc_words"] == fp["min_words"]
     assert specs["GopherRepetitionFilter"]["kwargs"]["dup_n_grams"] == fp["max_dup_ngram_chars_frac"]
     assert specs["langid"]["kwargs"]["min_score"] == fp["lang_min_prob"]
+    assert specs["GopherRepetitionFilter"]["kwargs"]["dup_para_frac"] == fp["max_dup_paragraphs_frac"]
     for name, s in specs.items():
         covered = {r for r, n in bench_data.DATATROVE_FILTER_OF_RULE.items() if n == name}
         for domain, rules in fp["rules_exempt_by_domain"].items():
             assert (domain in s["exempt_domains"]) == bool(set(rules) & covered), (name, domain)
+
+
+@pytest.mark.parametrize("mode", list(bench_data.LANGID_MODES))
+def test_each_ratio_mode_gives_datatrove_the_language_id_it_names(mode):
+    """rules only: no language step; same langid: our vectorized classifier; full pipeline: stock langid.py."""
+    fp = common.stage_params(common.load_params(), "filter")
+    _, step = bench_data.LANGID_MODES[mode]
+    names = [s["name"] for s in bench_data.datatrove_filter_specs(fp, step)]
+    assert names[-1] == step if step else not {"langid", "vectorized_langid"} & set(names)
+    assert bench_data.HEADLINE_MODE in bench_data.LANGID_MODES
+
+
+def test_rules_only_params_turn_language_id_off(tmp_path):
+    path = bench_data.params_without_langid(common.REPO / "params.yaml", tmp_path)
+    fp = common.stage_params(common.load_params(path), "filter")
+    assert fp["languages"] == [] and fp["rules"] == common.stage_params(common.load_params(), "filter")["rules"]

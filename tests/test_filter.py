@@ -10,6 +10,9 @@ import pytest
 from fixtures_docs import (CHINESE, CLEAN_CODE, CLEAN_PROSE, FRENCH, GERMAN, PROSE_LINES, write_ingest_shard)
 from stages import common
 from stages import filter as F
+from stages import filters
+from stages.filters import langid as L
+from stages.filters import minhash as M
 
 PARAMS = common.stage_params(common.load_params(), "filter")
 LINES = "\n".join(PROSE_LINES)
@@ -22,7 +25,8 @@ CRAFTED = [
     ("word_count", "A title and nothing else."),
     ("mean_word_length", " ".join(["a b c d to of an in it is"] * 10)),
     ("mean_word_length", " ".join(["internationalization-compatibility"] * 60)),
-    ("symbol_ratio", CLEAN_PROSE + " ".join(["#trending #news #viral"] * 12)),
+    ("hash_ratio", CLEAN_PROSE + " ".join(["#trending #news #viral"] * 12)),
+    ("ellipsis_ratio", CLEAN_PROSE + " ".join(["and so on... and on... and on..."] * 10)),
     ("bullet_lines", "\n".join(f"- {line}" for line in PROSE_LINES)),
     ("bullet_lines", "\n".join(f"\u2022 {line}" for line in PROSE_LINES)),
     ("ellipsis_lines", "\n".join(line[:-1] + "..." for line in PROSE_LINES[:6]) + "\n" + "\n".join(PROSE_LINES[6:])),
@@ -36,6 +40,8 @@ CRAFTED = [
                                "By continuing you accept our Terms of Use and Privacy Policy."] + PROSE_LINES[:3])),
     ("line_punctuation", "\n".join(line[:-1] for line in PROSE_LINES)),
     ("short_lines", "\n".join(w + "." for w in CLEAN_PROSE.split()[:80])),
+    ("duplicate_paragraphs", "\n\n".join(PROSE_LINES[:6] + [PROSE_LINES[0]] * 4)),
+    ("duplicate_paragraph_chars", "\n\n".join([CLEAN_PROSE, "See also:\nthe notes below.", CLEAN_PROSE])),
     ("duplicate_lines", "\n".join(PROSE_LINES[:6] + [PROSE_LINES[0]] * 4)),
     ("duplicate_line_chars",
      "\n".join([f"Note {i}: see below." for i in range(12)] + [CLEAN_PROSE.replace("\n", " ")] * 2)),
@@ -46,27 +52,57 @@ CRAFTED = [
 
 @pytest.mark.parametrize("rule,text", CRAFTED, ids=[f"{r}-{i}" for i, (r, _) in enumerate(CRAFTED)])
 def test_rule_fires_on_crafted_doc_and_not_on_clean_prose(rule, text):
-    verdict = F.RULES[rule](F.Doc(text), PARAMS)
+    verdict = filters.RULES[rule](filters.Doc(text), PARAMS)
     assert verdict is not None and verdict[0] == rule and verdict[1]
-    assert F.RULES[rule](F.Doc(CLEAN_PROSE), PARAMS) is None
+    assert filters.RULES[rule](filters.Doc(CLEAN_PROSE), PARAMS) is None
+
+
+def _lines(n_total: int, n_marked: int, marked: str, other: str) -> str:
+    return "\n".join([marked] * n_marked + [other] * (n_total - n_marked))
+
+
+LONG_NO_STOP = "A line long enough to pass the short line rule here"
+# FineWeb's comparisons (datatrove): drop when line_punctuation_frac < 0.12 and when short_lines_frac > 0.67, so a
+# document exactly at a threshold is kept.
+FINEWEB_BOUNDARIES = [
+    ("line_punctuation", _lines(25, 3, LONG_NO_STOP + ".", LONG_NO_STOP), None),    # 0.12: kept
+    ("line_punctuation", _lines(25, 2, LONG_NO_STOP + ".", LONG_NO_STOP), "line_punctuation"),
+    ("short_lines", _lines(100, 67, "Short.", LONG_NO_STOP + "."), None),            # 0.67: kept
+    ("short_lines", _lines(100, 68, "Short.", LONG_NO_STOP + "."), "short_lines"),
+]
+
+
+@pytest.mark.parametrize("rule,text,fired", FINEWEB_BOUNDARIES)
+def test_fineweb_thresholds_compare_as_datatrove(rule, text, fired):
+    verdict = filters.RULES[rule](filters.Doc(text), PARAMS)
+    assert (verdict and verdict[0]) == fired
+
+
+def test_hash_and_ellipsis_are_separate_ratios():
+    """Gopher (and datatrove) test '#' per word and ellipses per word each against 0.1, never their sum."""
+    words = CLEAN_PROSE.split()[:40]
+    text = " ".join(words + ["#x y..."] * 3)  # 3 / 46 each (0.065), 6 / 46 together (0.13)
+    doc = filters.Doc(text)
+    assert filters.RULES["hash_ratio"](doc, PARAMS) is None and filters.RULES["ellipsis_ratio"](doc, PARAMS) is None
+    assert filters.RULES["hash_ratio"](filters.Doc(" ".join(words + ["#x #y"] * 3)), PARAMS)[0] == "hash_ratio"
 
 
 def test_every_rule_has_a_crafted_case_and_is_in_params():
-    assert {r for r, _ in CRAFTED} == set(F.RULES) == set(PARAMS["rules"])
+    assert {r for r, _ in CRAFTED} == set(filters.RULES) == set(PARAMS["rules"])
 
 
 @pytest.mark.parametrize("text,domain", [(CLEAN_PROSE, "web"), (LINES, "web"), (CLEAN_CODE, "code")])
 def test_clean_documents_pass_every_rule_of_their_domain(text, domain):
-    rules, runs_language, rule_params = F.RulePlan(PARAMS).for_domain(domain)
-    assert F.first_failing_rule(F.Doc(text), rules, rule_params) is None
+    rules, runs_language, rule_params = filters.RulePlan(PARAMS).for_domain(domain)
+    assert filters.first_failing_rule(filters.Doc(text), rules, rule_params) is None
     assert runs_language == (domain != "code")
 
 
 def test_code_is_judged_by_its_own_rule_set():
     """The same code as a web page trips C4's curly-brace rule; as domain code it is exempt, as params say."""
-    web, _, _ = F.RulePlan(PARAMS).for_domain("web")
-    assert F.first_failing_rule(F.Doc(CLEAN_CODE), web, PARAMS)[0] == "curly_braces"
-    code, runs_language, _ = F.RulePlan(PARAMS).for_domain("code")
+    web, _, _ = filters.RulePlan(PARAMS).for_domain("web")
+    assert filters.first_failing_rule(filters.Doc(CLEAN_CODE), web, PARAMS)[0] == "curly_braces"
+    code, runs_language, _ = filters.RulePlan(PARAMS).for_domain("code")
     exempt = set(PARAMS["rules_exempt_by_domain"]["code"])
     assert {"stop_words", "alpha_words", "curly_braces", "language"} <= exempt
     assert [r.__name__ for r in code] == [r for r in PARAMS["rules"] if r not in exempt] and not runs_language
@@ -74,18 +110,18 @@ def test_code_is_judged_by_its_own_rule_set():
 
 def test_rules_apply_in_params_order_first_fired_is_recorded():
     text = "Lorem ipsum {x}."  # short, lorem ipsum and a curly brace: word_count comes first
-    rules, _, _ = F.RulePlan(PARAMS).for_domain("web")
-    assert F.first_failing_rule(F.Doc(text), rules, PARAMS)[0] == "word_count"
+    rules, _, _ = filters.RulePlan(PARAMS).for_domain("web")
+    assert filters.first_failing_rule(filters.Doc(text), rules, PARAMS)[0] == "word_count"
     reordered = {**PARAMS, "rules": ["curly_braces", "lorem_ipsum", "word_count"]}
-    rules, _, _ = F.RulePlan(reordered).for_domain("web")
-    assert F.first_failing_rule(F.Doc(text), rules, reordered)[0] == "curly_braces"
+    rules, _, _ = filters.RulePlan(reordered).for_domain("web")
+    assert filters.first_failing_rule(filters.Doc(text), rules, reordered)[0] == "curly_braces"
 
 
 def test_unknown_rule_in_params_is_refused():
     with pytest.raises(common.StageError, match="unknown rules.*no_such_rule"):
-        F.RulePlan({**PARAMS, "rules": ["word_count", "no_such_rule"]})
+        filters.RulePlan({**PARAMS, "rules": ["word_count", "no_such_rule"]})
     with pytest.raises(common.StageError, match=r"thresholds_by_domain\.math: unknown keys \['min_wrods'\]"):
-        F.RulePlan({**PARAMS, "thresholds_by_domain": {"math": {"min_wrods": 5}}})
+        filters.RulePlan({**PARAMS, "thresholds_by_domain": {"math": {"min_wrods": 5}}})
 
 
 def test_domain_thresholds_override_the_defaults():
@@ -93,20 +129,20 @@ def test_domain_thresholds_override_the_defaults():
     problem = ("Problem: A garden is 12 m long and 10 m wide. Fencing costs $9 per metre. How much does it cost "
                "to fence the whole garden?\n\nSolution:\nThe perimeter is 2 x (12 + 10) = 44 m.\n"
                "The fence costs 44 x 9 = 396 dollars.\n#### 396")
-    plan = F.RulePlan(PARAMS)
+    plan = filters.RulePlan(PARAMS)
     web, _, web_params = plan.for_domain("web")
-    assert F.first_failing_rule(F.Doc(problem), web, web_params)[0] == "word_count"
+    assert filters.first_failing_rule(filters.Doc(problem), web, web_params)[0] == "word_count"
     math, _, math_params = plan.for_domain("math")
     assert math_params["min_words"] == PARAMS["thresholds_by_domain"]["math"]["min_words"] < PARAMS["min_words"]
-    assert F.first_failing_rule(F.Doc(problem), math, math_params) is None
+    assert filters.first_failing_rule(filters.Doc(problem), math, math_params) is None
 
 
 @pytest.mark.parametrize("text,lang", [(CLEAN_PROSE, "en"), (LINES, "en"), (FRENCH, "fr"), (GERMAN, "de"),
                                        (CHINESE, "zh")])
 def test_language_id_keeps_english_rejects_others(text, lang):
-    (got, prob), = F.identify_languages([text], PARAMS["lang_max_chars"])
+    (got, prob), = L.identify_languages([text], PARAMS["lang_max_chars"])
     assert got == lang and prob > 0.9
-    verdict, = F.language_verdicts([text], PARAMS)
+    verdict, = L.language_verdicts([text], PARAMS)
     if lang == "en":
         assert verdict is None
     else:
@@ -114,13 +150,13 @@ def test_language_id_keeps_english_rejects_others(text, lang):
 
 
 def test_language_confidence_threshold():
-    verdict, = F.language_verdicts([CLEAN_PROSE], {**PARAMS, "lang_min_prob": 1.01})
+    verdict, = L.language_verdicts([CLEAN_PROSE], {**PARAMS, "lang_min_prob": 1.01})
     assert verdict[0] == "language"
 
 
 def test_vectorized_langid_features_equal_langid():
-    model = F.langid_model()
-    ident = F.langid_identifier()  # langid's own feature extraction and classifier, the reference
+    model = L.langid_model()
+    ident = L.langid_identifier()  # langid's own feature extraction and classifier, the reference
     texts = [CLEAN_PROSE, FRENCH, GERMAN, CHINESE, CLEAN_CODE, "", "a", "\u00e9\u00e9", "ab\ncd \ufffd \u20ac 1"]
     got = model.feature_counts(texts).toarray()
     want = np.stack([ident.instance2fv(t) for t in texts])
@@ -130,13 +166,48 @@ def test_vectorized_langid_features_equal_langid():
         assert lang == ref_lang and prob == pytest.approx(ref_prob, abs=1e-9)
 
 
+# ----------------------------------------------------------------------------- parity with datatrove
+
+# Written by tools/filter_parity.py: hand-written and tiny-corpus documents with datatrove 0.10.1's verdict per rule
+# (each filter alone, our thresholds, whitespace words; null where another check of its filter masks the rule)
+# and, per document, the rules where ours deliberately differs, with the reason (tools/filter_parity.DEVIATIONS).
+PARITY_CASES = [json.loads(line) for line in
+                (common.REPO / "tests" / "data" / "filter_parity_cases.jsonl").read_text(encoding="utf-8").splitlines()]
+PARITY_PARAMS = {**PARAMS, "rules": list(filters.RULES)}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=[c["id"] for c in PARITY_CASES])
+def test_rules_match_datatrove_except_listed_deviations(case):
+    doc = filters.Doc(case["text"])
+    for rule, theirs in case["datatrove"].items():
+        if theirs is None:
+            continue
+        if rule == L.LANGUAGE_RULE:
+            ours = "keep" if L.language_verdicts([case["text"]], PARITY_PARAMS)[0] is None else "drop"
+        else:
+            ours = "keep" if filters.RULES[rule](doc, PARITY_PARAMS) is None else "drop"
+        if rule in case["differs"]:
+            assert case["differs"][rule] and ours != theirs, (rule, "a listed deviation no longer differs")
+        else:
+            assert ours == theirs, (rule, ours, theirs)
+
+
+def test_parity_table_covers_every_rule_both_ways():
+    """Every compared rule has cases datatrove keeps and cases it drops (boilerplate: datatrove never drops)."""
+    compared = set(filters.RULES) - {"binary_garbage"} | {L.LANGUAGE_RULE}
+    for rule in compared:
+        verdicts = {c["datatrove"][rule] for c in PARITY_CASES}
+        assert "keep" in verdicts, rule
+        assert "drop" in verdicts or rule == "boilerplate", rule
+
+
 # ----------------------------------------------------------------------------- signatures
 
 MP = {"num_perm": 256, "bands": 32, "rows": 8, "ngram": 5}
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
-    words = F.normalize_for_dedup(text).split()
+    words = M.normalize_for_dedup(text).split()
     return {" ".join(words[i: i + n]) for i in range(len(words) - n + 1)}
 
 
@@ -151,7 +222,7 @@ def test_minhash_agrees_with_datasketch_and_true_jaccard():
         for i in rng.sample(range(len(words)), changed):
             words[i] = f"x{rng.randrange(3000)}"
         variants.append(" ".join(words))
-    sig, has = F.minhash_signatures([" ".join(base)] + variants, MP, seed=11)
+    sig, has = M.minhash_signatures([" ".join(base)] + variants, MP, seed=11)
     assert has.all()
     ref = MinHash(num_perm=MP["num_perm"], seed=11)
     ref.update_batch([s.encode() for s in shingles(" ".join(base))])
@@ -170,24 +241,24 @@ def test_minhash_agrees_with_datasketch_and_true_jaccard():
 
 def test_trivial_variants_share_exact_hash_and_signature():
     variant = CLEAN_PROSE.upper().replace(",", " ;").replace("\n", "  \n\t")
-    n1, n2 = F.normalize_for_dedup(CLEAN_PROSE), F.normalize_for_dedup(variant)
-    assert F.exact_hash(n1) == F.exact_hash(n2)
-    sig, _ = F.minhash_signatures([n1, n2], MP, seed=1)
+    n1, n2 = M.normalize_for_dedup(CLEAN_PROSE), M.normalize_for_dedup(variant)
+    assert M.exact_hash(n1) == M.exact_hash(n2)
+    sig, _ = M.minhash_signatures([n1, n2], MP, seed=1)
     assert (sig[0] == sig[1]).all()
 
 
 def test_shingles_stay_within_their_document_and_short_docs_get_one():
-    x, doc = F.shingle_hashes(["a b c d e f", "", "g h", "i j k l m"], ngram=5)
+    x, doc = M.shingle_hashes(["a b c d e f", "", "g h", "i j k l m"], ngram=5)
     assert doc.tolist() == [0, 0, 2, 3]
     assert len(set(x.tolist())) == 4
-    alone, _ = F.shingle_hashes(["i j k l m"], ngram=5)
+    alone, _ = M.shingle_hashes(["i j k l m"], ngram=5)
     assert alone[0] == x[3]  # a shingle's hash does not depend on its neighbours in the batch
 
 
 def test_signatures_do_not_depend_on_batching():
-    texts = [F.normalize_for_dedup(t) for t in (CLEAN_PROSE, FRENCH, GERMAN, LINES, "x y")]
-    together, _ = F.minhash_signatures(texts, MP, seed=5)
-    alone = np.concatenate([F.minhash_signatures([t], MP, seed=5)[0] for t in texts])
+    texts = [M.normalize_for_dedup(t) for t in (CLEAN_PROSE, FRENCH, GERMAN, LINES, "x y")]
+    together, _ = M.minhash_signatures(texts, MP, seed=5)
+    alone = np.concatenate([M.minhash_signatures([t], MP, seed=5)[0] for t in texts])
     np.testing.assert_array_equal(together, alone)
 
 

@@ -172,6 +172,21 @@ def test_truncated_last_line_is_quarantined(tmp_path):
     assert quarantined[0]["detail"].startswith(f"{unit}:2: invalid JSON") and "Unterminated string" in quarantined[0]["detail"]
 
 
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.jsonl.gz"])
+def test_utf8_bom_opening_a_jsonl_file_is_not_part_of_the_first_record(tmp_path, name):
+    """Editors on Windows write a UTF-8 byte-order mark; common.iter_jsonl (utf-8-sig) reads past it."""
+    unit = tmp_path / name
+    write_lines(unit, [b"\xef\xbb\xbf" + jline({"text": "first"}), jline({"text": "second \ufeff inside"})])
+    assert [r["text"] for _, r in common.iter_jsonl(unit, text_field="text")] == ["first", "second \ufeff inside"]
+
+
+def test_utf8_bom_opening_a_jsonl_unit_is_ingested_not_quarantined(tmp_path):
+    unit = tmp_path / "bom.jsonl"
+    write_lines(unit, [b"\xef\xbb\xbf" + jline({"text": "first"}), jline({"text": "second"})])
+    kept, quarantined, _ = run_one(unit, tmp_path)
+    assert [r["text"] for r in kept] == ["first", "second"] and quarantined == []
+
+
 def test_bad_parquet_rows_are_quarantined_with_row_numbers(tmp_path):
     pq.write_table(pa.table({"text": ["ok", None, "   "], "domain": ["web", "web", "web"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "b.parquet")

@@ -3,12 +3,14 @@ import dataclasses
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import KVCache, ModelConfig, NanbeigeForCausalLM, load_pretrained, save_pretrained
-from stages.common import StageError, load_params, stage_params
+from model.config import ModelError
+from stages.common import load_params, stage_params
 
 # GQA (4 query heads, 2 kv heads) and head_dim * heads != hidden, so parity covers both shapes.
 SMALL = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -72,11 +74,11 @@ def test_from_params_refuses_unknown_and_missing_keys_and_reads_yaml_floats():
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "max_position_embeddings": 8,
             "rope_theta": "5e6", "seed": 1, "scale": "tiny"}
     assert ModelConfig.from_params(good).rope_theta == 5e6
-    with pytest.raises(StageError, match=r"unknown keys \['hiden_size'\]"):
+    with pytest.raises(ModelError, match=r"unknown keys \['hiden_size'\]"):
         ModelConfig.from_params({**good, "hiden_size": 8})
-    with pytest.raises(StageError, match=r"missing keys \['head_dim'\]"):
+    with pytest.raises(ModelError, match=r"missing keys \['head_dim'\]"):
         ModelConfig.from_params({k: v for k, v in good.items() if k != "head_dim"})
-    with pytest.raises(StageError, match="multiple of num_key_value_heads"):
+    with pytest.raises(ModelError, match="multiple of num_key_value_heads"):
         ModelConfig.from_params({**good, "num_key_value_heads": 3})
 
 
@@ -87,7 +89,7 @@ def test_hf_config_round_trips_and_loads_in_transformers():
     assert ModelConfig.from_hf_config(json.loads(json.dumps(d))) == cfg
     hf = LlamaConfig(**d)
     assert hf.rope_parameters["rope_theta"] == 5e6 and hf.head_dim == 128 and hf.num_key_value_heads == 4
-    with pytest.raises(StageError, match="rope_type 'yarn'"):
+    with pytest.raises(ModelError, match="rope_type 'yarn'"):
         ModelConfig.from_hf_config({**d, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
 
 
@@ -189,12 +191,12 @@ def test_tied_embeddings_save_without_lm_head_and_load_tied(tmp_path):
 
 
 def test_load_pretrained_names_the_bad_file(tmp_path):
-    with pytest.raises(StageError, match="config.json: checkpoint file is missing"):
+    with pytest.raises(ModelError, match="config.json: checkpoint file is missing"):
         load_pretrained(tmp_path)
     save_pretrained(random_model(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
-    with pytest.raises(StageError, match=r"model.safetensors: does not match .*wrong shape \['model.layers.0.mlp"):
+    with pytest.raises(ModelError, match=r"model.safetensors: does not match .*wrong shape \['model.layers.0.mlp"):
         load_pretrained(tmp_path)
 
 
@@ -232,11 +234,10 @@ def test_generate_stops_rows_at_eos_and_samples_reproducibly():
     row1 = greedy[1, 4:].tolist()
     n1 = row1.index(eos) + 1 if eos in row1 else 8
     assert stopped[1, 4:4 + n1].tolist() == row1[:n1] and stopped.shape[1] == 4 + n1
-    draw = [model.generate(prompt, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    draw = [model.generate(prompt, 8, temperature=1.0, top_p=0.9, seeds=[7, 8]) for _ in range(2)]
     assert torch.equal(draw[0], draw[1])
     # A vanishing nucleus keeps only the most likely token: sampling becomes greedy.
-    narrow = model.generate(prompt, 8, temperature=1.0, top_p=1e-9, generator=torch.Generator().manual_seed(8))
+    narrow = model.generate(prompt, 8, temperature=1.0, top_p=1e-9, seeds=[8, 9])
     assert torch.equal(narrow, greedy)
 
 
@@ -246,3 +247,106 @@ def test_forward_refuses_positions_past_the_rope_table():
         model(torch.zeros(1, 129, dtype=torch.long))
     model.set_rope_theta(4e4, max_position_embeddings=256)
     assert model(torch.zeros(1, 129, dtype=torch.long)).shape == (1, 129, SMALL.vocab_size)
+
+
+# ----------------------------------------------------------------------------- packing (doc_ids, positions)
+
+def _packed_row(lengths: list[int], total: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row of documents of `lengths` tokens then padding (doc id -1) up to `total`: ids, doc_ids, positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, SMALL.vocab_size, (1, total), generator=g)
+    doc = torch.full((1, total), -1)
+    pos = torch.zeros(1, total, dtype=torch.long)
+    at = 0
+    for d, n in enumerate(lengths):
+        doc[0, at:at + n], pos[0, at:at + n] = d, torch.arange(n)
+        at += n
+    return ids, doc, pos
+
+
+def test_packed_rows_score_each_document_as_if_alone():
+    """fp32: every document's per-token log-probs and top-k in a packed row (block-diagonal causal mask, RoPE restarted
+    per document) equal the document run alone within 1e-5; positions derived from doc_ids give the same log-probs."""
+    model = random_model()
+    lengths = [7, 12, 5, 1]
+    ids, doc, pos = _packed_row(lengths, 30)
+    targets = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        packed = model.token_logprobs(ids, targets, doc_ids=doc, positions=pos)
+        derived = model.token_logprobs(ids, targets, doc_ids=doc)
+        top_vals, top_ids = model.topk_logprobs(ids, 3, doc_ids=doc, positions=pos)
+        at = 0
+        for n in lengths:
+            alone = model.token_logprobs(ids[:, at:at + n], targets[:, at:at + n])
+            assert torch.allclose(packed[:, at:at + n], alone, atol=1e-5, rtol=0)
+            vals, idx = model.topk_logprobs(ids[:, at:at + n], 3)
+            assert torch.allclose(top_vals[:, at:at + n], vals, atol=1e-5, rtol=0)
+            assert torch.equal(top_ids[:, at:at + n], idx)
+            at += n
+    real = doc >= 0  # padding positions differ (pack_examples gives them position 0) and are never supervised
+    assert torch.equal(packed[real], derived[real])
+    # Without the mask the documents would read each other: the test can fail.
+    with torch.no_grad():
+        leaky = model.token_logprobs(ids, targets, positions=pos)
+    assert not torch.allclose(leaky[:, 7:19], packed[:, 7:19], atol=1e-3)
+
+
+def test_packed_loss_equals_the_token_mean_over_the_documents_alone():
+    model = random_model()
+    ids, doc, pos = _packed_row([9, 6], 18, seed=5)
+    labels = ids.roll(-1, dims=1).masked_fill(doc < 0, -100)
+    with torch.no_grad():
+        packed = model.loss(ids, labels, doc_ids=doc, positions=pos)
+        alone = [model.loss(ids[:, a:b], labels[:, a:b]) for a, b in ((0, 9), (9, 15))]
+    assert torch.allclose(packed, (alone[0] * 9 + alone[1] * 6) / 15, atol=1e-5, rtol=0)
+
+
+def test_document_positions_restart_at_each_document():
+    from model.llama import document_positions, packed_causal_mask
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
+    assert document_positions(doc).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    mask = packed_causal_mask(doc)[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False, False]
+    assert mask.diagonal().all()
+
+
+def test_unpacked_forward_is_the_plain_causal_path_bit_for_bit():
+    """doc_ids=None keeps today's path: the model's layers with causal attention over RoPE positions 0..T-1 (no mask
+    tensor), compared with torch.equal."""
+    from model import ops
+    model = random_model()
+    ids = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.rope_cos[:20], model.rope_sin[:20]
+        for layer in model.model.layers:
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(2, 20, a.n_heads, a.head_dim).transpose(1, 2)
+            k = a.k_proj(h).view(2, 20, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            v = a.v_proj(h).view(2, 20, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            q, k = ops.apply_rotary(q, k, cos, sin)
+            y = ops.attention(q, k, v, causal=True)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(2, 20, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        expected = model.lm_head(model.model.norm(x))
+        assert torch.equal(model(ids), expected)
+        assert torch.equal(model(ids, doc_ids=None, positions=None), expected)
+
+
+def test_packing_refuses_a_cache():
+    model = random_model()
+    cache = KVCache(SMALL, 1, 16)
+    with pytest.raises(ValueError, match="no-cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache, doc_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_model_package_imports_nothing_from_stages():
+    """model/ is the lower layer: stages import it, never the other way round (so a model edit never reruns data
+    stages, and the model can be used on its own)."""
+    import subprocess
+    import sys
+    code = ("import sys, model, model.megatron, model.generate; "
+            "bad = sorted(m for m in sys.modules if m == 'stages' or m.startswith('stages.')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

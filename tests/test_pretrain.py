@@ -22,6 +22,7 @@ from fixtures_tokens import MODEL_PARAMS, PRETRAIN_PARAMS, make_tokens, micro_pl
 from stages import common, lr_schedule, pretrain
 
 REPO = Path(__file__).resolve().parent.parent
+PARAMS = dict(PRETRAIN_PARAMS)
 PEAK, FINAL = micro_plan()["lr_peak"], micro_plan()["lr_final"]
 # The micro plan at 4 sequences of 16 tokens per step: 2 + 4 + 4 steps, then decay at seq_len 32: 192 / 128 -> 2.
 STEPS = [2, 4, 4, 2]
@@ -29,10 +30,16 @@ STEPS = [2, 4, 4, 2]
 
 # ----------------------------------------------------------------------------- the schedule (pure)
 
-@pytest.mark.parametrize("tokens,per_step,steps", [(128, 64, 2), (96, 64, 2), (95, 64, 1), (10, 64, 1), (0, 64, 1),
-                                                   (10**12, 4 * 2**20, 238419)])
-def test_phase_steps_round_half_up_and_never_zero(tokens, per_step, steps):
-    assert lr_schedule.phase_steps(tokens, per_step) == steps
+@pytest.mark.parametrize("tokens,per_step,min_steps,steps", [
+    (128, 64, 1, 2), (96, 64, 1, 2), (65, 64, 1, 2), (64, 64, 1, 1), (10, 64, 1, 1), (0, 64, 1, 1),
+    (10**12, 4 * 2**20, 1, 238419), (4348, 4096, 1, 2), (4348, 4096, 8, 8), (10**6, 4096, 8, 245)])
+def test_phase_steps_cover_the_planned_tokens_with_a_floor(tokens, per_step, min_steps, steps):
+    assert lr_schedule.phase_steps(tokens, per_step, min_steps) == steps
+
+
+def test_min_phase_steps_gives_every_phase_a_few_steps():
+    s = lr_schedule.build_schedule(micro_plan(), "fgwsd", 16, 4, min_phase_steps=3)
+    assert [ph.steps for ph in s.phases] == [max(3, n) for n in STEPS]
 
 
 def test_fgwsd_lr_table_and_phase_boundaries():
@@ -81,13 +88,32 @@ def test_unknown_schedule_or_shape_is_refused():
         lr_schedule.build_schedule(plan, "fgwsd", 16, 4)
 
 
-def test_bucket_draw_is_seeded_follows_the_mixture_and_ignores_chunking():
-    mixture = {"a": 0.7, "b": 0.0, "c": 0.3}
-    draws = pretrain.sequence_buckets(3, 0, 20000, mixture)
-    freq = Counter(draws)
-    assert freq["b"] == 0 and freq["a"] / 20000 == pytest.approx(0.7, abs=0.015)
-    assert pretrain.sequence_buckets(3, 0, 100, mixture) + pretrain.sequence_buckets(3, 100, 50, mixture) == draws[:150]
-    assert pretrain.sequence_buckets(4, 0, 150, mixture) != draws[:150]
+def test_bucket_quotas_hold_the_mixture_within_one_sequence_across_phases():
+    phases = [({"a": 0.5, "b": 0.5}, 37), ({"a": 0.7, "b": 0.0, "c": 0.3}, 101), ({"b": 0.2, "c": 0.8}, 64),
+              ({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 200)]
+    for seed in range(5):
+        quota = pretrain.BucketQuota(["a", "b", "c"], seed)
+        counts, expected, worst = Counter(), Counter(), 0.0
+        for mixture, n in phases:
+            for b in quota.assign(mixture, n):
+                counts[b] += 1
+                for k, w in mixture.items():
+                    expected[k] += w / sum(mixture.values())
+                worst = max(worst, *(abs(counts[k] - expected[k]) for k in "abc"))
+        assert worst < 1.0
+    assert counts["b"] == round(expected["b"])
+
+
+def test_bucket_quotas_are_seeded_resumable_and_ignore_chunking():
+    mixture = {"a": 0.6, "b": 0.1, "c": 0.3}
+    whole = pretrain.BucketQuota(["a", "b", "c"], 3).assign(mixture, 150)
+    q = pretrain.BucketQuota(["a", "b", "c"], 3)
+    first = q.assign(mixture, 100)
+    resumed = pretrain.BucketQuota(["a", "b", "c"], 99)
+    resumed.load_state_dict(q.state_dict())
+    assert first + resumed.assign(mixture, 50) == whole
+    assert pretrain.BucketQuota(["a", "b", "c"], 4).assign(mixture, 150) != whole
+    assert Counter(whole) == {"a": 90, "b": 15, "c": 45}
 
 
 def test_windows_read_the_next_tokens_and_wrap_into_the_next_epoch():
@@ -110,7 +136,7 @@ def train(setup, name: str, max_steps=None, log=None, params=None):
     tmp, tokens, plan = setup
     out = tmp / name
     on_step = None if log is None else (lambda step, windows: log.extend((step, b, c) for b, c in windows))
-    return pretrain.run_pretrain(plan, tokens, out / "pretrain", out / "ckpt", params or dict(PRETRAIN_PARAMS),
+    return pretrain.run_pretrain(plan, tokens, out / "pretrain", out / "ckpt", params or dict(PARAMS),
                                  dict(MODEL_PARAMS), out / "live", max_steps=max_steps, on_step=on_step)
 
 
@@ -176,6 +202,18 @@ def test_a_completed_run_reruns_from_its_state_without_training(setup, uninterru
     assert log == [] and manifest["outputs"] == uninterrupted[0]["outputs"]
 
 
+def test_a_code_change_retrains_under_a_new_run_hash(setup, uninterrupted, monkeypatch):
+    """The resume directory is keyed by the code pretrain imports (stages/*, model/*, kernels): after an edit a
+    rerun trains again instead of re-linking the finished state of the old code. The edit is simulated by a new
+    closure hash (test_training_loop checks that an edited imported file gives one)."""
+    monkeypatch.setattr(common, "code_version_closure", lambda *modules: "edited0code0hash")
+    log = []
+    manifest = train(setup, "full", log=log)
+    assert len(log) == 12 * 4  # every step trained again
+    assert manifest["resume_dir"] != uninterrupted[0]["resume_dir"] and manifest["code_version"] == "edited0code0hash"
+    assert manifest["outputs"] == uninterrupted[0]["outputs"]  # deterministic: the same weights, byte for byte
+
+
 def test_final_checkpoint_loads_standalone_in_transformers(setup, uninterrupted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,7 +233,7 @@ def test_final_checkpoint_loads_standalone_in_transformers(setup, uninterrupted)
 def test_vocab_size_disagreeing_with_the_tokenizer_fails_clearly(setup, tmp_path):
     tmp, tokens, plan = setup
     with pytest.raises(common.StageError, match="model.vocab_size=512 but the tokenizer has 320"):
-        pretrain.run_pretrain(plan, tokens, tmp_path / "out", tmp_path / "ckpt", dict(PRETRAIN_PARAMS),
+        pretrain.run_pretrain(plan, tokens, tmp_path / "out", tmp_path / "ckpt", dict(PARAMS),
                               {**MODEL_PARAMS, "vocab_size": 512}, tmp_path / "live")
 
 
@@ -203,7 +241,7 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(setup, tmp_path):
     """The CLI killed right after its first resume state (mid-run), then rerun, ends where an in-process run ends."""
     tmp, tokens, _ = setup
     plan = write_plan(tmp_path / "plan.json", micro_plan((128, 512, 512, 256)))  # 2 + 8 + 8 + 2 steps
-    params = {**PRETRAIN_PARAMS, "checkpoint_every": 4}
+    params = {**PARAMS, "checkpoint_every": 4}
     reference = pretrain.run_pretrain(plan, tokens, tmp_path / "ref", tmp_path / "ref_ckpt", params,
                                       dict(MODEL_PARAMS), tmp_path / "ref_live")
     cmd = [sys.executable, "-m", "stages.pretrain", "--params-json",
@@ -221,6 +259,7 @@ def test_kill_9_then_rerun_equals_the_uninterrupted_run(setup, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrain step 20/20 (100.0%) loss " in done.stderr  # progress lines off a TTY (stderr is a pipe)
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(tmp_path / "out" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -34,10 +34,15 @@ def test_quality_model_writes_its_files_and_heldout_metrics(scored):
         assert (model / name).is_file()
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["n_pos"] == 40 and metrics["n_neg"] == 80
-    assert metrics["n_train"] + metrics["n_heldout"] == 120
-    assert metrics["heldout_auc"] > 0.9  # textbook prose vs a mostly-spam corpus is easy to tell apart
+    k = params("quality_model")["cross_fit_folds"]
+    assert [f["fold"] for f in metrics["folds"]] == list(range(k))
+    assert sum(f["n_pos"] for f in metrics["folds"]) == 40 and sum(f["n_neg"] for f in metrics["folds"]) == 80
+    assert metrics["heldout_auc"] > 0.9  # out of fold: textbook prose vs a mostly-spam corpus is easy to tell apart
     manifest = json.loads((model / "manifest.json").read_text())
     assert set(manifest["outputs"]) == {"classifier.npz", "retrieval.npz", "metrics.json"}
+    assert manifest["counts"]["folds"] == metrics["folds"]
+    with np.load(model / "classifier.npz") as clf:
+        assert clf["coef"].shape[0] == clf["intercept"].shape[0] == int(clf["folds"]) == k
     with np.load(model / "retrieval.npz") as ret:
         norms = np.sqrt(np.bincount(np.repeat(np.arange(ret["shape"][0]), np.diff(ret["indptr"])),
                                     weights=ret["data"].astype(np.float64) ** 2))
@@ -48,6 +53,65 @@ def test_quality_model_is_deterministic(scored, tmp_path):
     quality_model.build_quality_model(scored["seed"], scored["corpus"], tmp_path, params("quality_model"))
     for name in ("classifier.npz", "retrieval.npz", "metrics.json"):
         assert common.sha256_file(tmp_path / name) == common.sha256_file(scored["model"] / name)
+
+
+def training_docs(scored) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(positives, negatives) exactly as build_quality_model drew them, as (id, text)."""
+    p = params("quality_model")
+    seeds = quality_model.read_seed_set(scored["seed"])
+    negatives = quality_model.sample_corpus(scored["corpus"], 80, int(p["seed"]), {d["id"] for d in seeds})
+    return [(d["id"], d["text"]) for d in seeds], negatives
+
+
+def test_classifier_k_does_not_depend_on_the_documents_of_fold_k(scored):
+    """Black box: rewrite one training document's text; only the classifiers that trained on it may change, and the
+    one that scores it (its fold's) must not."""
+    p = dict(params("quality_model"), retrieval=dict(params("quality_model")["retrieval"], n_features=1024))
+    positives, negatives = training_docs(scored)
+    model = quality_model.load_quality_model(scored["model"])
+    for victim in (0, 1, 2):  # a few sampled negatives, whatever their folds
+        doc_id, _ = negatives[victim]
+        fold = int(model.fold([doc_id])[0])
+        changed = list(negatives)
+        changed[victim] = (doc_id, "buy now " * 30 + "gradient descent converges for convex losses")
+        a, _, _ = quality_model.train_quality_model(positives, negatives, p)
+        b, _, _ = quality_model.train_quality_model(positives, changed, p)
+        assert np.array_equal(a["coef"][fold], b["coef"][fold]) and a["intercept"][fold] == b["intercept"][fold]
+        others = [k for k in range(len(a["intercept"])) if k != fold]
+        assert all(not np.array_equal(a["coef"][k], b["coef"][k]) for k in others)
+
+
+def test_no_training_document_is_scored_by_a_classifier_that_saw_it(scored):
+    """Every seed and sampled document in the corpus is scored by classifier f(d), the one trained without fold f(d);
+    and picking the fold matters (another fold's classifier gives another probability)."""
+    model = quality_model.load_quality_model(scored["model"])
+    positives, negatives = training_docs(scored)
+    training = {i for i, _ in positives + negatives}
+    rows = [r for shard in ("shard-000", "shard-001")
+            for r in pq.read_table(scored["out"] / f"{shard}.parquet").to_pylist()]
+    sampled = [r for r in rows if r["id"] in training]
+    assert len(sampled) == len(negatives)  # every sampled negative is a corpus document that score scores
+    ids, texts = [r["id"] for r in sampled], [r["text"] for r in sampled]
+    x = quality_model.ngram_features(texts, model.classifier_spec)
+    every = 1.0 / (1.0 + np.exp(-(x @ model.coef.astype(np.float64).T + model.intercept)))  # [n, K]
+    folds = model.fold(ids)
+    got = np.array([r["tag_classifier"] for r in sampled])
+    assert np.allclose(got, every[np.arange(len(ids)), folds])
+    assert not np.allclose(got, every[np.arange(len(ids)), (folds + 1) % len(model.intercept)])
+    manifests = [json.loads((scored["out"] / f"{s}.manifest.json").read_text()) for s in ("shard-000", "shard-001")]
+    assert sum(sum(m["counts"]["scored_by_fold"]) for m in manifests) == len(rows)
+
+
+def test_one_character_tokens_count_so_numbers_tell_problems_apart():
+    """Templated problems that differ only in a digit: different classifier features and retrieval vectors."""
+    a = "A farmer has 3 rows with 4 plants each. How many plants are there? x = 3 * 4"
+    b = "A farmer has 3 rows with 5 plants each. How many plants are there? x = 3 * 5"
+    spec = {"n_features": 4096, "word_ngram_max": 1, "char_ngram_range": [0, 0], "sublinear_tf": True}
+    x = quality_model.ngram_features([a, b], spec).toarray()
+    assert not np.allclose(x[0], x[1])
+    v = quality_model.tfidf_vectors([a, b], np.ones(4096, dtype=np.float32), spec)
+    assert (v[0] @ v[1].T).toarray()[0, 0] < 1.0 - 1e-6
+    assert quality_model.term_counts(["x 7"], spec).nnz == 2  # "x" and "7" are tokens
 
 
 def test_char_ngram_block_adds_features():
@@ -74,7 +138,8 @@ def test_corpus_sample_does_not_depend_on_sharding(tmp_path):
             common.write_table(tmp_path / name / f"s{i}.parquet", common.rows_to_table(chunk, fq.DOC_SCHEMA))
     one = quality_model.sample_corpus(tmp_path / "one", 10, seed=5, exclude_ids=set())
     assert one == quality_model.sample_corpus(tmp_path / "three", 10, seed=5, exclude_ids=set())
-    assert len(one) == 10 and one != quality_model.sample_corpus(tmp_path / "one", 10, seed=6, exclude_ids=set())
+    assert len(one) == 10 and {i for i, _ in one} <= {r["id"] for r in rows}
+    assert one != quality_model.sample_corpus(tmp_path / "one", 10, seed=6, exclude_ids=set())
 
 
 def test_score_keeps_every_row_and_tags_are_in_range(scored):
@@ -93,7 +158,8 @@ def test_score_keeps_every_row_and_tags_are_in_range(scored):
         assert out.schema.field("utility").type == pa.int8()
         assert df["utility"].between(0, 9).all()
         manifest = json.loads((scored["out"] / f"{shard}.manifest.json").read_text())
-        assert manifest["counts"] == {"in": src.num_rows, "scored": src.num_rows}
+        assert manifest["counts"]["in"] == manifest["counts"]["scored"] == src.num_rows
+        assert sum(manifest["counts"]["scored_by_fold"]) == src.num_rows
 
 
 def test_utility_separates_reference_like_from_spam(scored):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import re
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import fixtures_quality as fq
-from stages import common, quality_model, score, select
+from stages import common, funnel, quality_model, score, select
 
 SCORED_SCHEMA = pa.schema(list(fq.DOC_SCHEMA) + [pa.field(t, pa.float64()) for t in score.TAGS]
                           + [pa.field("utility", pa.int8())])
@@ -17,7 +18,8 @@ SCORED_SCHEMA = pa.schema(list(fq.DOC_SCHEMA) + [pa.field(t, pa.float64()) for t
 
 def select_params(**overrides) -> dict:
     p = common.stage_params(common.load_params(), "select")
-    p.update({"pool_min_utility": 5, "top_min_utility": 7, "recall_min_sim": 0.5, "min_top_epochs": 2,
+    p.update({"pool_min_utility": 5, "top_min_utility": 7, "recall_min_sim": 0.5, "recall_share": 0.1,
+              "min_top_epochs": 2,
               "max_epochs": 4, "domain_groups": {"math": "math", "code": "code", "qa": "qa"},
               "default_group": "general", "budgets": {"pool_tokens": 10**9, "top_tokens": 10**8,
                                                       "train_tokens": 10**9}})
@@ -69,8 +71,11 @@ def test_thresholds_recall_and_buckets(hand_made, tmp_path):
     assert re.match(r"retrieval_sim 0\.8000 >= 0\.5000 with utility 1 < 5", d["recalled_wiki"]["recall_reason"])
     assert not d["mid_web"]["recalled"] and d["mid_web"]["recall_reason"] == ""
     assert d["low_web"]["rule"] == "below_pool_utility" and "utility 2 < 5" in d["low_web"]["detail"]
-    assert summary["counts"] == {"scored": 6, "kept": 5, "rejected": 1, "recalled": 1,
+    # nothing binds: recall takes what the 400 utility-candidate tokens leave of the 10^9 budget
+    assert summary["counts"] == {"scored": 6, "kept": 5, "rejected": 1, "recall_candidates": 1, "recalled": 1,
+                                 "recalled_tokens": 100, "recall_budget_tokens": 10**9 - 400,
                                  "rejected_by_rule": {"below_pool_utility": 1}}
+    assert summary["epoch_bounds"] == {"min_top_epochs": 2, "max_epochs": 4}
     assert summary["buckets"]["pool/general"] == {"docs": 2, "approx_tokens": 200, "epochs": 4.0}
     assert set(summary["buckets"]) == {"top/math", "top/code", "pool/general", "pool/qa"}
     for shard in ("a", "b"):  # conservation per shard, on the files
@@ -95,6 +100,48 @@ def test_budget_keeps_highest_utility_first_with_id_tie_break(tmp_path):
     assert "cumulative pool tokens 400 > pool budget 300" in d[eights[2][1]]["detail"]
     assert d["u9"]["bucket"] == "top/general"  # only 100 of 150 top tokens fit before the next doc overflows
     assert summary["tiers"]["top"]["approx_tokens"] == 100 and summary["tiers"]["pool"]["approx_tokens"] == 200
+
+
+@pytest.fixture
+def binding(tmp_path):
+    """Ten utility candidates (utility 6..9) and five recall candidates (utility 1, retrieval_sim 0.6..0.9), 100
+    tokens each: 1,500 candidate tokens for a 500-token pool."""
+    rows = [scored_row(f"u{i}", "web", 6 + i % 4, 0.0, 100) for i in range(10)]
+    rows += [scored_row(f"r{i}", "wiki", 1, 0.6 + 0.075 * i, 100) for i in range(5)]
+    return write_scored(tmp_path / "score", {"s": rows})
+
+
+def test_recall_keeps_its_share_when_the_pool_budget_binds(binding, tmp_path):
+    p = select_params(recall_share=0.4, budgets={"pool_tokens": 500, "top_tokens": 200, "train_tokens": 2000})
+    summary = select.select_pool(binding, tmp_path / "out", p)
+    d = decisions(tmp_path / "out")
+    kept = {k for k, r in d.items() if r["part"] == "pool"}
+    # recall: floor(0.4 x 500) = 200 tokens to the two most similar; utility: the 300 left to the three best
+    assert {k for k in kept if k.startswith("r")} == {"r4", "r3"}
+    assert all(d[k]["recalled"] and d[k]["bucket"] == "pool/general" for k in ("r4", "r3"))
+    assert sorted(d[k]["utility"] for k in kept if k.startswith("u")) == [8, 9, 9]
+    assert d["r2"]["rule"] == "over_recall_budget"
+    assert "cumulative recall tokens 300 > recall budget 200" in d["r2"]["detail"]
+    assert {r["rule"] for k, r in d.items() if k.startswith("u") and r["part"] == "rejected"} == {"over_pool_budget"}
+    assert summary["counts"]["kept"] == 5 and sum(b["approx_tokens"] for b in summary["buckets"].values()) == 500
+    assert {k: summary["counts"][k] for k in ("recall_candidates", "recalled", "recalled_tokens",
+                                              "recall_budget_tokens")} == {"recall_candidates": 5, "recalled": 2,
+                                                                           "recalled_tokens": 200,
+                                                                           "recall_budget_tokens": 200}
+    assert funnel.select_recall(duckdb.connect(), tmp_path / "out") == {"candidates": 5, "docs_recalled": 2,
+                                                                        "tokens_recalled": 200}
+    none = select.select_pool(binding, tmp_path / "none", dict(p, recall_share=0.0))
+    assert none["counts"]["recalled"] == 0 and none["counts"]["kept"] == 5  # share 0: the budget goes to utility
+
+
+def test_recall_takes_what_utility_leaves(binding, tmp_path):
+    p = select_params(recall_share=0.0, budgets={"pool_tokens": 1_300, "top_tokens": 200, "train_tokens": 3000})
+    summary = select.select_pool(binding, tmp_path / "out", p)
+    # 1,000 utility tokens all fit; the 300 left go to the three most similar recall candidates
+    assert summary["counts"]["recalled"] == 3 and summary["counts"]["recall_budget_tokens"] == 300
+    assert summary["counts"]["kept"] == 13
+    with pytest.raises(common.StageError, match="recall_share"):
+        select.select_pool(binding, tmp_path / "bad", dict(p, recall_share=1.5))
 
 
 @pytest.mark.parametrize("top,pool,train,m,cap,expected", [

@@ -8,11 +8,18 @@ untouched and unchanged stages come from DVC's run cache: a schedule ablation re
 re-filters). A later ablation (with vs without distillation, RL from SFT vs from distillation) is one more
 entry under `ablations:` in params.yaml. The results go to ablation/<scale>/results.json and .md, which the
 report card includes: every figure is read back from `dvc exp show --json`, never typed in.
+
+Seeds: a study with `seeds: [...]` and `seed_key: pretrain.seed` runs every variant once per seed and reports the
+mean, the sample standard deviation and every value, so a difference between variants can be told from seed noise.
+Provenance: each run records the hashes DVC saw for the study's `provenance` inputs (e.g. the tokenize manifest and
+the plan) and the commit it ran from; the report card compares them with the current workspace and marks a table
+made on other inputs (another machine, an older corpus or plan) as stale instead of presenting it as this run's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
@@ -21,12 +28,23 @@ from stages import common
 REPO = common.REPO
 
 
-def exp_name(study: str, variant: str) -> str:
-    return f"{study}-{variant}"
+def exp_name(study: str, variant: str, seed: int | None = None) -> str:
+    return f"{study}-{variant}" if seed is None else f"{study}-{variant}-seed{seed}"
 
 
-def run_variant(study: str, variant: str, overrides: dict, target: str) -> None:
-    cmd = ["dvc", "exp", "run", "--temp", "--force", "--name", exp_name(study, variant), target]
+def runs(study: str, spec: dict) -> list[tuple[str, str, int | None, dict]]:
+    """(experiment name, variant, seed, overrides) of every run of a study: variants x seeds."""
+    seeds = spec.get("seeds") or [None]
+    out = []
+    for variant, overrides in spec["variants"].items():
+        for seed in seeds:
+            extra = {} if seed is None else {spec["seed_key"]: seed}
+            out.append((exp_name(study, variant, seed), variant, seed, {**overrides, **extra}))
+    return out
+
+
+def run_variant(name: str, overrides: dict, target: str) -> None:
+    cmd = ["dvc", "exp", "run", "--temp", "--force", "--name", name, target]
     for key, value in sorted(overrides.items()):
         cmd += ["-S", f"{key}={value}"]
     print("+", " ".join(cmd), flush=True)
@@ -43,8 +61,8 @@ def flatten(prefix: str, node) -> dict:
 
 
 def collect(names: list[str]) -> dict[str, dict]:
-    """{experiment name: {metric path: value}} from `dvc exp show --json --all-commits` (each experiment hangs off
-    the commit it started from)."""
+    """{experiment name: {"metrics": {path:key: value}, "deps": {path: hash}, "rev": sha}} from
+    `dvc exp show --json --all-commits` (each experiment hangs off the commit it started from)."""
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], cwd=REPO, check=True,
                                       capture_output=True, text=True).stdout)
     found = {}
@@ -52,11 +70,13 @@ def collect(names: list[str]) -> dict[str, dict]:
     def visit(node):
         if isinstance(node, dict):
             if node.get("name") in names and isinstance(node.get("data"), dict):
+                data = node["data"]
                 metrics = {}
-                for path, body in (node["data"].get("metrics") or {}).items():
+                for path, body in (data.get("metrics") or {}).items():
                     for key, value in flatten("", body.get("data", {})).items():
                         metrics[f"{path}:{key}"] = value
-                found[node["name"]] = metrics
+                deps = {path: (body or {}).get("hash") for path, body in (data.get("deps") or {}).items()}
+                found[node["name"]] = {"metrics": metrics, "deps": deps, "rev": data.get("rev") or node.get("rev")}
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):
@@ -66,17 +86,43 @@ def collect(names: list[str]) -> dict[str, dict]:
     return found
 
 
-def results_table(study: str, spec: dict, metrics: dict[str, dict], command: str) -> dict:
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def results_table(study: str, spec: dict, found: dict[str, dict], command: str) -> dict:
+    """One row per variant: mean, sd and the per-seed values of every metric; plus each run's provenance."""
     columns = [m["label"] for m in spec["metrics"]]
-    rows = []
+    rows, run_rows = [], []
     for variant in spec["variants"]:
-        got = metrics.get(exp_name(study, variant), {})
+        per_metric = {m["label"]: [] for m in spec["metrics"]}
+        for name, v, seed, _ in runs(study, spec):
+            if v != variant:
+                continue
+            got = found.get(name)
+            if got is None:
+                continue
+            for m in spec["metrics"]:
+                value = got["metrics"].get(f"{m['file']}:{m['key']}")
+                if value is not None:
+                    per_metric[m["label"]].append(float(value))
+            run_rows.append({"name": name, "variant": variant, "seed": seed, "rev": got["rev"],
+                             "inputs": {p: got["deps"].get(p) for p in spec.get("provenance", [])}})
         row = {"variant": variant}
-        for m in spec["metrics"]:
-            value = got.get(f"{m['file']}:{m['key']}")
-            row[m["label"]] = None if value is None else float(value)
+        for label, values in per_metric.items():
+            mean, sd = mean_sd(values)
+            row[label] = mean
+            row[f"{label}:sd"] = sd
+            row[f"{label}:values"] = values
         rows.append(row)
-    return {"study": study, "columns": columns, "rows": rows, "command": command}
+    return {"study": study, "columns": columns, "rows": rows, "runs": run_rows, "command": command,
+            "seeds": spec.get("seeds")}
 
 
 def main() -> None:
@@ -91,12 +137,13 @@ def main() -> None:
     scale = params["scale"]
     tables = []
     for study, spec in studies.items():
+        spec = {**spec, "provenance": [p.format(scale=scale) for p in spec.get("provenance", [])]}
+        planned = runs(study, spec)
         if not args.collect_only:
-            for variant, overrides in spec["variants"].items():
-                run_variant(study, variant, overrides, spec["target"])
-        names = [exp_name(study, v) for v in spec["variants"]]
+            for name, _, _, overrides in planned:
+                run_variant(name, overrides, spec["target"])
         command = f"python -m tools.ablate --study {study}"
-        tables.append(results_table(study, spec, collect(names), command))
+        tables.append(results_table(study, spec, collect([name for name, *_ in planned]), command))
     out = REPO / "ablation" / scale
     merged = {"columns": sorted({c for t in tables for c in t["columns"]}, key=lambda c: c),
               "rows": [{**r, "variant": f"{t['study']}: {r['variant']}"} for t in tables for r in t["rows"]],

@@ -1,0 +1,219 @@
+"""The generation engine: evaluation, SFT data generation and RL rollouts all sample through `generate`.
+
+    generate(model, [Request(prompt_ids, seeds), ...], SamplingParams(...), decode, batch_size)
+        -> one list of Completions per request, one Completion per seed
+
+Rows are (request, sample) pairs, batch_size of them at a time, requests sorted by prompt length. A batch's distinct
+prompts are left-padded to the longest and prefilled once through a KVCache that records each row's padding: per-row
+RoPE positions, padding never attended, so a padded row computes what its prompt alone would (up to float rounding).
+The n samples of a prompt copy its prefilled cache row (KVCache.select). Then one token per live row per step, z the
+row's fp32 logits:
+    logprobs           log softmax(z)[x]: temperature 1, whole vocabulary (the model's log p, for RL ratios and KL)
+    sampling dist      q = softmax(z / T) restricted to the top-p nucleus, renormalized; T = 0 is argmax (greedy)
+    sampling_logprobs  log q(x) (0 under greedy: a point mass)
+The nucleus is {i : p_i >= tau}, p = softmax(z / T), tau the k-th largest p with k the fewest tokens holding top_p of
+the mass (tokens tied with tau stay in). The draw is inverse-CDF: x = the first token id whose cumulative q (summed in
+token-id order, fp64) exceeds u * sum(q), u in [0, 1) the step's uniform from the row's own torch.Generator seeded
+with the sample's seed. So a sample depends on its prompt, seed and the params alone, not on its batch (up to float
+rounding) nor on when it runs: a resumed run draws the same samples.
+
+A row finishes at a stop token (the last of token_ids; not in text), at a stop string (looked for in the completion's
+text, decoded incrementally after every token: the token completing it is the last of token_ids, text is cut before
+the stop string), or after min(max_new_tokens, context - prompt length) tokens (finish_reason "length"). A finished
+row leaves the batch (its cache row is dropped), so the others decode without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from model.llama import KVCache, NanbeigeForCausalLM
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How every sample of a call is drawn. temperature 0 is greedy; top_p 1 keeps the whole vocabulary."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams: need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1, got "
+                             f"{self.max_new_tokens}, {self.temperature}, {self.top_p}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("SamplingParams: an empty stop string would stop every completion at once")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt (token ids) and the seed of each of its samples: n = len(seeds) samples share one prefill."""
+    prompt_ids: Sequence[int]
+    seeds: Sequence[int] = (0,)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sample. token_ids: every token sampled, the stop token or the token completing a stop string included (the
+    trajectory RL trains on); logprobs[t] = log softmax(z_t)[token_ids[t]] (the raw model, temperature 1);
+    sampling_logprobs[t] = log q_t(token_ids[t]) under the distribution actually sampled (0.0 when greedy); text: the
+    decoded completion cut before the stop (None without a decode function); finish_reason "stop" (stop: the token
+    id or string that fired) or "length" (stop None)."""
+    token_ids: list[int]
+    logprobs: list[float]
+    sampling_logprobs: list[float]
+    text: str | None
+    finish_reason: str
+    stop: int | str | None
+
+
+@torch.inference_mode()
+def generate(model: NanbeigeForCausalLM, requests: Sequence[Request], params: SamplingParams,
+             decode: Callable[[list[int]], str] | None = None, batch_size: int = 32) -> list[list[Completion]]:
+    """Complete every request: result[r][i] is the sample of requests[r] drawn with seed requests[r].seeds[i].
+    decode(token_ids) -> text is needed for stop strings and for Completion.text; batch_size caps the rows decoded
+    together (a request with more seeds spans several batches, one prefill each)."""
+    if params.stop_strings and decode is None:
+        raise ValueError("generate: stop strings need a decode function")
+    context = model.config.max_position_embeddings
+    for i, req in enumerate(requests):
+        if not 0 < len(req.prompt_ids) < context or not req.seeds:
+            raise ValueError(f"generate: request {i} needs 1 to {context - 1} prompt tokens and a seed, got "
+                             f"{len(req.prompt_ids)} tokens and {len(req.seeds)} seeds")
+    order = sorted(range(len(requests)), key=lambda r: (len(requests[r].prompt_ids), r))
+    rows = [(r, s) for r in order for s in range(len(requests[r].seeds))]
+    out: list[list[Completion | None]] = [[None] * len(req.seeds) for req in requests]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        distinct = list(dict.fromkeys(r for r, _ in batch))
+        completions = _generate_batch(model, [list(requests[r].prompt_ids) for r in distinct],
+                                      [distinct.index(r) for r, _ in batch],
+                                      [int(requests[r].seeds[s]) for r, s in batch], params, decode)
+        for (r, s), completion in zip(batch, completions):
+            out[r][s] = completion
+    return out
+
+
+def _generate_batch(model: NanbeigeForCausalLM, prompts: list[list[int]], row_prompt: list[int], seeds: list[int],
+                    params: SamplingParams, decode: Callable[[list[int]], str] | None) -> list[Completion]:
+    """Rows row_prompt[i] (an index into prompts) with seeds[i]: prefill the distinct prompts, then decode."""
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    budgets = [min(params.max_new_tokens, model.config.max_position_embeddings - len(prompts[p])) for p in row_prompt]
+    width = max(map(len, prompts))
+    pad = [width - len(p) for p in prompts]
+    ids = torch.tensor([[0] * k + p for k, p in zip(pad, prompts)], device=device)
+    prefill = KVCache(model.config, len(prompts), width, device=device, dtype=dtype, pad=pad)
+    logits = model(ids, prefill, last_only=True).float()[torch.tensor(row_prompt, device=device)]
+    cache = prefill.select(row_prompt, width + max(budgets))
+    uniforms = None
+    if params.temperature > 0:
+        # Each row's uniforms are its own generator's first `budget` draws: a function of its seed alone.
+        uniforms = torch.zeros(len(seeds), max(budgets), dtype=torch.float64, device=device)
+        for i, (seed, budget) in enumerate(zip(seeds, budgets)):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            uniforms[i, :budget] = torch.rand(budget, generator=gen, dtype=torch.float64, device=device)
+    stop_ids = set(params.stop_token_ids)
+    scans = [_StopScan(decode, params.stop_strings) for _ in seeds] if params.stop_strings else None
+    tokens, raw, sampled = ([[] for _ in seeds] for _ in range(3))
+    finish: list[tuple[str, int | str | None] | None] = [None] * len(seeds)
+    live = list(range(len(seeds)))
+    for step in range(max(budgets)):
+        token, logprob, sampling_logprob = sample_step(logits, params.temperature, params.top_p,
+                                                       None if uniforms is None else uniforms[:, step])
+        # One host transfer per step for the whole batch (token ids are exact in fp64).
+        host = torch.stack([token.double(), logprob.double(), sampling_logprob.double()]).tolist()
+        for j, row in enumerate(live):
+            t = int(host[0][j])
+            tokens[row].append(t)
+            raw[row].append(host[1][j])
+            sampled[row].append(host[2][j])
+            if t in stop_ids:
+                finish[row] = ("stop", t)
+            elif scans is not None and (hit := scans[row].push(t)) is not None:
+                finish[row] = ("stop", hit)
+            elif len(tokens[row]) == budgets[row]:
+                finish[row] = ("length", None)
+        keep = [j for j, row in enumerate(live) if finish[row] is None]
+        if not keep:
+            break
+        if len(keep) < len(live):
+            cache = cache.select(keep)
+            index = torch.tensor(keep, device=device)
+            token = token[index]
+            uniforms = None if uniforms is None else uniforms[index]
+            live = [live[j] for j in keep]
+        logits = model(token[:, None], cache, last_only=True).float()
+    return [Completion(tokens[i], raw[i], sampled[i], _text(decode, tokens[i], finish[i], params.stop_strings),
+                       *finish[i]) for i in range(len(seeds))]
+
+
+def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
+                uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row from fp32 logits [B, V] (see the module docstring): (token ids [B], log softmax(z)[x] [B],
+    log q(x) [B]). uniforms [B] in [0, 1), fp64, one per row; None (and ignored) when temperature is 0."""
+    if temperature == 0:
+        best, token = logits.max(dim=-1)
+        return token, best - logits.logsumexp(dim=-1), torch.zeros_like(best)
+    tempered = torch.log_softmax(logits / temperature, dim=-1)
+    q = tempered.exp()
+    if top_p < 1:
+        q = q * (q >= nucleus_threshold(q, top_p)[:, None])   # torch.where(..., q, 0) is ~6x slower on CPU
+    cdf = q.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    token = torch.searchsorted(cdf, (uniforms * total)[:, None], right=True).squeeze(-1).clamp_(max=q.shape[-1] - 1)
+    raw = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    return token, raw, tempered.gather(-1, token[:, None]).squeeze(-1) - total.log().float()
+
+
+def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """tau [B] per row of probs [B, V]: the k-th largest probability, k the fewest tokens whose mass reaches top_p
+    (a token is kept while the more likely ones hold less than top_p; the most likely one always is)."""
+    desc = _sorted_descending(probs)
+    # k - 1 = #{i < V - 1 : cumsum_i < top_p}: the cumulative mass is nondecreasing, so a search counts it.
+    k = torch.searchsorted(desc.cumsum(dim=-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
+    return desc.gather(-1, k).squeeze(-1)
+
+
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    # torch's CPU sort of [32, 8192] takes ~10 ms, numpy's SIMD sort ~0.4 ms (bench/bench_generate.py's machine).
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
+
+
+class _StopScan:
+    """Incremental detokenization of one completion (vLLM's prefix/read offsets: text is only extended once the
+    newest tokens decode to whole characters) to see a stop string as soon as the token completing it is sampled."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]):
+        self.decode, self.stops, self.longest = decode, stops, max(map(len, stops))
+        self.tokens: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0
+
+    def push(self, token: int) -> str | None:
+        """Add a token; return the stop string that now occurs in the text (the earliest one), else None."""
+        self.tokens.append(token)
+        prefix_text = self.decode(self.tokens[self.prefix:self.read])
+        new_text = self.decode(self.tokens[self.prefix:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return None
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += new_text[len(prefix_text):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        return min(hits, key=lambda hit: hit[0])[1] if hits else None
+
+
+def _text(decode: Callable[[list[int]], str] | None, tokens: list[int], finish: tuple[str, int | str | None],
+          stop_strings: Sequence[str]) -> str | None:
+    """The completion's text: its tokens without a stop token, decoded, cut before the first stop string."""
+    if decode is None:
+        return None
+    text = decode(tokens[:-1] if finish[0] == "stop" and isinstance(finish[1], int) else tokens)
+    return text[:min([i for s in stop_strings if (i := text.find(s)) >= 0], default=len(text))]

@@ -1,0 +1,58 @@
+"""tools/ablate.py: variants x seeds, mean and sd, provenance; the report marks stale or foreign tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.report import ablation_section
+from tools.ablate import mean_sd, results_table, runs
+
+SPEC = {"target": "report", "seeds": [1, 2, 3], "seed_key": "pretrain.seed", "provenance": ["plan.json"],
+        "variants": {"fgwsd": {"pretrain.schedule": "fgwsd"}, "wsd": {"pretrain.schedule": "wsd"}},
+        "metrics": [{"label": "loss", "file": "m.json", "key": "eval/loss"}]}
+
+
+def test_every_variant_runs_once_per_seed_with_the_seed_override():
+    planned = runs("schedule", SPEC)
+    assert [n for n, *_ in planned] == [f"schedule-{v}-seed{s}" for v in ("fgwsd", "wsd") for s in (1, 2, 3)]
+    assert planned[4][3] == {"pretrain.schedule": "wsd", "pretrain.seed": 2}
+
+
+def test_mean_and_sample_sd():
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([5.0]) == (5.0, None)
+    assert mean_sd([]) == (None, None)
+
+
+def _found(plan_hash: str) -> dict:
+    values = {"fgwsd": [6.0, 6.2, 6.4], "wsd": [6.1, 6.1, 6.1]}
+    return {f"schedule-{v}-seed{s}": {"metrics": {"m.json:eval/loss": values[v][i]}, "deps": {"plan.json": plan_hash},
+                                      "rev": "abcdef123456"}
+            for v in values for i, s in enumerate((1, 2, 3))}
+
+
+def test_results_table_aggregates_over_seeds():
+    table = results_table("schedule", SPEC, _found("h"), "python -m tools.ablate --study schedule")
+    fg, wsd = table["rows"]
+    assert fg["loss"] == pytest.approx(6.2) and fg["loss:sd"] == pytest.approx(0.2)
+    assert fg["loss:values"] == [6.0, 6.2, 6.4]
+    assert wsd["loss:sd"] == pytest.approx(0.0)
+    assert len(table["runs"]) == 6 and table["runs"][0]["inputs"] == {"plan.json": "h"}
+
+
+def test_report_marks_stale_and_foreign_tables(tmp_path):
+    import hashlib
+    (tmp_path / "plan.json").write_text("{}")
+    current = hashlib.md5(b"{}").hexdigest()
+    for plan_hash, expect in ((current, "current"), ("0" * 32, "STALE")):
+        table = results_table("schedule", SPEC, _found(plan_hash), "python -m tools.ablate --study schedule")
+        path = tmp_path / f"results-{expect}.json"
+        path.write_text(json.dumps({"studies": [table]}))
+        text = ablation_section(path, repo=tmp_path)
+        assert expect in text
+        assert "6.2000 ± 0.2000 (n=3)" in text
+    foreign = tmp_path / "old.json"
+    foreign.write_text(json.dumps({"studies": [{"study": "schedule", "columns": ["loss"], "command": "x",
+                                                "rows": [{"variant": "fgwsd", "loss": 6.3}]}]}))
+    assert "provenance unknown" in ablation_section(foreign, repo=tmp_path)
