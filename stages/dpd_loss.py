@@ -107,4 +107,4 @@ def dpd_loss(pol_pos_tok: torch.Tensor, pol_neg_tok: torch.Tensor, pos_mask: tor
     kd_neg = (kd_terms(teacher_neg_topk, student_neg_topk, w.kd_reverse_weight) * neg_mask).sum() \
         / max(counts.neg_tokens, 1)
     loss = w.w_dpo * dpo + w.w_pos * kd_pos + w.w_neg * kd_neg
-    return loss, {"dpo": float(dpo), "kd_pos": float(kd_pos), "kd_neg": float(kd_neg)}
+    return loss, {"dpo": float(dpo.detach()), "kd_pos": float(kd_pos.detach()), "kd_neg": float(kd_neg.detach())}
