@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages import common, filters
+from stages import common
 from stages.filters import Doc, RulePlan, Verdict, first_failing_rule
 from stages.filters.langid import language_verdicts
 from stages.filters.minhash import minhash_params, signature_table, sigs_schema
@@ -30,7 +30,8 @@ REQUIRED_COLUMNS = ("id", "domain", "text", "approx_tokens")
 
 
 def code_version() -> str:
-    return common.code_version(f"stages.{STAGE}", *filters.MODULES)
+    """The source of this driver and everything of ours it imports (the filters package): what decides its outputs."""
+    return common.code_version_closure(f"stages.{STAGE}")
 
 
 def shard_paths(output_dir: str | Path, shard: str) -> dict[str, Path]:

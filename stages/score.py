@@ -247,7 +247,7 @@ def _paths(shard: str, input_dir: str | Path, model_dir: str | Path, output_dir:
 
 
 def code() -> str:
-    return common.code_version(f"stages.{STAGE}", "stages.quality_model")
+    return common.code_version_closure(f"stages.{STAGE}")
 
 
 def score_one(shard: str, input_dir: str | Path, model_dir: str | Path, output_dir: str | Path, p: dict,

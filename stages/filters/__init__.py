@@ -13,16 +13,12 @@ stages/filter.py is the stage driver (CLI, shards, outputs).
 """
 from __future__ import annotations
 
-import pkgutil
-
 from stages import common
 from stages.filters import c4, fineweb, garbage, gopher_quality, gopher_repetition
 from stages.filters.base import Doc, Verdict
 from stages.filters.langid import LANGUAGE_RULE
 
 RULES = {f.__name__: f for family in (garbage, gopher_quality, c4, fineweb, gopher_repetition) for f in family.RULES}
-# Every module of this package: their source decides the stage's outputs (the stage's code version hashes them).
-MODULES = (__name__, *(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)))
 
 
 class RulePlan:
