@@ -16,6 +16,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/sft.smk"
+include: "rules/distill.smk"
 include: "rules/eval.smk"
 
 

@@ -6,6 +6,10 @@ from stages.evaluate import checkpoint_inputs
 EVAL_CHECKPOINTS = {
     "base": f"{A}/pretrain/final",
     **{f"phase_{name}": f"{A}/pretrain/phases/{name}" for name in PHASES},
+    "teacher": f"{A}/teacher/final",
+    "sft_cold": f"{A}/sft_cold/final",
+    "sft_full": f"{A}/sft_full/final",
+    "distill": f"{A}/distill",
 }
 CHECKPOINTS_ARG = ",".join(f"{name}={path}" for name, path in EVAL_CHECKPOINTS.items())
 EVAL_DATA = "data/eval"
@@ -48,6 +52,7 @@ rule report:
         pretrain=rules.pretrain.output.manifest,
         pretrain_live=rules.pretrain.output.live,
         plan=rules.schedule.output.plan,
+        sft_data=rules.sft_data.output.metrics,
         paper="data/paper_results.yaml",
         ablation=files_if_present(f"ablation/{SCALE}/results.json"),
         code=code_inputs("stages.report"),
@@ -61,7 +66,7 @@ rule report:
         cfg=slices("report"),
         cli=cli(f"--artifacts {A} --checkpoints {','.join(EVAL_CHECKPOINTS)} --benchmarks-dir {BENCH}",
             output_dir=path_of("output", "report", up=1), live_dir=path_of("output", "live"),
-            pretrain_live=path_of("input", "pretrain_live"), ablation=path_of("input", "ablation")),
+            pretrain_live=path_of("input", "pretrain_live"), sft_data=path_of("input", "sft_data"), ablation=path_of("input", "ablation")),
     log:
         f"{LOGS}/report.log",
     benchmark:

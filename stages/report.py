@@ -285,6 +285,10 @@ def sft_data_section(path: Path | None) -> tuple[str, dict[str, float]]:
                            [[k, v.get("checked", "—"), v.get("passed", "—"), pct(v["pass_rate"])]
                             for k, v in items.items()]), ""]
         live.update({f"sft_data/item_pass_rate/{k}": float(v["pass_rate"]) for k, v in items.items()})
+    sources = {k: v for k, v in _part(data, "sources", dict).items() if _number(v)}
+    if sources:
+        lines += [md_table(["source of the kept solution", "count"], [[k, v] for k, v in sources.items()]), ""]
+        live.update({f"sft_data/source/{k}": float(v) for k, v in sources.items()})
     rejections = {k: v for k, v in _part(data, "rejections", dict).items() if _number(v)}
     if rejections:
         lines += [md_table(["rejection reason", "count"], [[k, v] for k, v in rejections.items()]), ""]

@@ -501,7 +501,7 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z2 / n
     center = (phat + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(phat * (1 - phat) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    return (0.0 if correct == 0 else max(0.0, center - half)), (1.0 if correct == n else min(1.0, center + half))
 
 
 def accuracy_by_level(records) -> dict[int, dict]:
@@ -548,6 +548,19 @@ def format_prompt(record: dict, prompt_format: str) -> str | list[dict]:
         return record["prompt"]
     return [{"role": "user", "content": f"{record['statement']}\n\n{CODE_CHAT_INSTRUCTION}"}]
 
+
+
+def reference_messages(record: dict) -> list[dict]:
+    """A train record as a chat with its reference solution: the chat prompt, then the assistant's reasoning
+    (math: the worked steps; code: a one-line plan) and answer (math: `#### <answer>`; code: the fenced function)."""
+    user = format_prompt(record, "chat")
+    if record["domain"] == "math":
+        steps, _, answer = record["solution"].rpartition("\n#### ")
+        return user + [{"role": "assistant", "reasoning_content": steps, "content": f"#### {answer}"}]
+    signature = record["prompt"].splitlines()[0]
+    plan = f"Plan: {record['statement'].splitlines()[0].replace('Write', 'write', 1)} Check it on the examples."
+    return user + [{"role": "assistant", "reasoning_content": plan,
+                    "content": f"```python\n{signature}\n{record['canonical_solution'].rstrip()}\n```"}]
 
 def main(argv: list[str] | None = None) -> None:
     ap = common.base_parser(__doc__.splitlines()[0])

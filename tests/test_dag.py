@@ -23,6 +23,7 @@ COPY = ["Snakefile", "rules", "stages", "model", "kernels", "tools", "data", "pr
         "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 CORES = os.environ.get("TEST_DAG_CORES", "2")  # the end-to-end run; 1 on a shared machine
 DATA_RULES = ["ingest", "filter", "dedup_edges", "dedup_index", "dedup", "quality_model", "score", "select", "schedule", "funnel"]
+POST_TRAINING = ["base", "teacher", "sft_cold", "sft_full", "distill"]
 UPSTREAM_OF_SCORE = {"ingest", "filter", "dedup_edges", "dedup_index", "dedup", "quality_model"}
 
 
@@ -81,7 +82,8 @@ def test_dvc_yaml_is_generated_from_the_snakemake_dag():
     committed = (REPO / "dvc.yaml").read_text()
     assert committed == gen_dvc.generate(), "dvc.yaml drifted from the Snakemake DAG: run `python -m tools.gen_dvc`"
     stages = yaml.safe_load(committed)["stages"]
-    assert set(DATA_RULES) | {"tokenize", "pretrain", "evaluate", "report"} <= set(stages)
+    assert set(DATA_RULES) | {"tokenize", "pretrain", "evaluate", "report", "tasks", "teacher", "sft_data", "sft_cold",
+                              "sft_full", "distill_targets", "distill"} <= set(stages)
     assert stages["score"]["params"] == ["scale", "seed", "score"]
     assert stages["pretrain"]["params"] == ["scale", "seed", "model", "scales.${scale}.model", "pretrain",
                                             "scales.${scale}.pretrain"]
@@ -118,7 +120,15 @@ def test_dvc_analytics_are_off_in_the_committed_config():
 # the same code path in a fraction of the time.
 FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 80000, "train_tokens": 160000},
         "scales.tiny.evaluate.max_problems": 2, "scales.tiny.evaluate.n_samples": 2,
-        "scales.tiny.evaluate.max_new_tokens": 24}
+        "scales.tiny.evaluate.max_new_tokens": 24, "scales.tiny.evaluate.max_per_level": 1,
+        "scales.tiny.evaluate.per_checkpoint": {c: {"max_new_tokens": 24} for c in POST_TRAINING},
+        # post-training: a few steps each, a handful of instructions; no pair is expected from a teacher this
+        # weak, so distill passes the student through (min_pairs 0; its own tests train on real pairs)
+        "scales.tiny.teacher.max_steps": 3, "scales.tiny.sft_cold.max_steps": 2, "scales.tiny.sft_full.max_steps": 2,
+        "scales.tiny.sft_data.max_per_level": {"math": 1, "code": 1}, "scales.tiny.sft_data.max_new_tokens": 24,
+        "scales.tiny.distill_targets.prompts_per_level": {"math": 1, "code": 1},
+        "scales.tiny.distill_targets.max_new_tokens": 24, "scales.tiny.distill.min_pairs": 0,
+        "scales.tiny.distill.max_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +149,14 @@ def test_snakemake_runs_the_whole_dag_end_to_end(snakemake_run):
     for png in ("data_funnel.png", "pretrain_loss.png", "eval_accuracy.png"):
         assert (art / "report" / png).stat().st_size > 10_000 and f"]({png})" in report
     assert "| base |" in report and "Nanbeige4-3B (paper)" in report
+    for stage in POST_TRAINING:  # every post-training checkpoint evaluated through the harness, in the card
+        assert "ladder_math" in json.loads((art / "eval" / stage / "metrics.json").read_text()), stage
+        assert f"| {stage} |" in report, stage
+    sft_data = json.loads((art / "sft_data" / "metrics.json").read_text())
+    assert sft_data["counts"]["kept"] + sft_data["counts"]["rejected"] == sft_data["counts"]["instructions"] > 0
+    for role in ("teacher", "sft_cold", "sft_full"):
+        assert json.loads((art / role / "manifest.json").read_text())["counts"]["steps"] >= 1, role
+    assert json.loads((art / "distill_targets" / "manifest.json").read_text())["counts"]["prompts"] > 0
     pretrain = json.loads((art / "pretrain" / "manifest.json").read_text())
     assert pretrain["loss_end"] < pretrain["loss_start"] - 1.0
     sliced = common.stage_params(yaml.safe_load((snakemake_run / "params.yaml").read_text()), "pretrain")

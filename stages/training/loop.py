@@ -35,7 +35,7 @@ class LoopConfig:
     """The loop's knobs, the same keys in every training stage's params slice."""
     grad_clip: float            # max global L2 norm of the gradient
     checkpoint_every: int       # optimizer steps between resume states (also at milestones and at a stop)
-    log_every: int              # optimizer steps between dvclive rows (also at milestones)
+    log_every: int              # optimizer steps between dvclive rows (also at milestones and the last step)
     progress_every_steps: int   # off a TTY: a progress line at least every this many steps ...
     progress_every_s: float     # ... or this many seconds
 
@@ -212,7 +212,7 @@ class Trainer:
                               "train/grad_norm": grad_norm})
             if after_step is not None:
                 after_step(out)
-            if done % cfg.log_every == 0 or out.milestone:
+            if done % cfg.log_every == 0 or out.milestone or done == total_steps:  # the last step: always a row
                 out.metrics.update({"train/tokens_per_s": tokens_since_log / max(seconds_since_log, 1e-9),
                                     "train/tokens_seen": state["tokens_seen"]})
                 tokens_since_log, seconds_since_log = 0, 0.0
