@@ -1,5 +1,7 @@
 # Tokenizer + packed token streams per bucket, the FG-WSD plan over them, then pretraining to a base checkpoint.
 # Resources scale with the profile so `snakemake --profile profiles/slurm` requests what each scale needs.
+from stages.training.launch import launch_prefix
+
 PHASES = [phase["name"] for phase in stage_params(config, "schedule")["phases"]]
 RESOURCES = {
     "tiny": {"tokenize": dict(mem_mb=4000, runtime=30, cpus_per_task=2, gpu=0),
@@ -78,5 +80,6 @@ rule pretrain:
     threads: RESOURCES["pretrain"]["cpus_per_task"]
     resources:
         **RESOURCES["pretrain"],
-    shell:
-        "python -m stages.pretrain --params-json {params.cfg:q} {params.cli} 2> {log}"
+    shell:  # 1 process at tiny; torchrun over the node's GPUs (FSDP2 / Megatron) or srun + torchrun over nodes at 3b
+        launch_prefix("stages.pretrain", RESOURCES["pretrain"].get("nodes", 1), RESOURCES["pretrain"]["gpu"])
+        + " --params-json {params.cfg:q} {params.cli} 2> {log}"

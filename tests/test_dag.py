@@ -310,3 +310,13 @@ def test_dvc_exp_run_compares_a_param(dvc_run):
     shown = json.loads(sh(["dvc", "exp", "show", "--json"], dvc_run).stdout)
     text = json.dumps(shown)
     assert key.split(".")[-1] in text and "docs_kept" in text
+
+
+def test_the_3b_pretrain_rule_launches_torchrun_over_its_gpus(tmp_path):
+    """The pretrain rule's command comes from stages.training.launch with the scale's resources: one process at
+    tiny, torchrun over the node's 8 GPUs at 3b (FSDP2 or Megatron inside, pretrain.backend)."""
+    work = copy_repo(tmp_path)
+    big = sh(["snakemake", "-n", "-p", "artifacts/3b/pretrain/manifest.json", "--config", "scale=3b"], work).stdout
+    assert "torchrun --standalone --nproc-per-node=8 -m stages.pretrain --params-json" in big, big[-3000:]
+    tiny = sh(["snakemake", "-n", "-p", "artifacts/tiny/pretrain/manifest.json"], work).stdout
+    assert "python -m stages.pretrain --params-json" in tiny and "torchrun" not in tiny
