@@ -44,13 +44,16 @@ bench: venv
 	$(BIN)/python bench/bench_dedup.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_generate.py
+	$(BIN)/python bench/bench_rollout.py
 	$(BIN)/python bench/bench_sandbox.py
 
 # On a GPU node with requirements-gpu.txt installed: fused kernels vs eager / torch.compile / liger, and the
-# 3b-layer training smoke test of the Megatron and FSDP2 backends (tokens/s, MFU).
+# 3b-layer training smoke test of the Megatron and FSDP2 backends (tokens/s, MFU), and RL rollouts on our engine vs
+# vLLM with one weight sync.
 bench-gpu: venv
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/gpu_smoke_scaleout.py
+	$(BIN)/python bench/gpu_smoke_rl.py
 
 clean:
 	rm -rf artifacts checkpoints logs dvclive .snakemake

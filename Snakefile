@@ -17,6 +17,7 @@ include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/sft.smk"
 include: "rules/distill.smk"
+include: "rules/rl.smk"
 include: "rules/eval.smk"
 
 

@@ -30,11 +30,12 @@ def files_if_present(*paths):
 
 
 def path_of(io, name, up=0):
-    """A path the job declares (`io`: "input" or "output"; a list entry gives its first path), or its `up`-th
-    parent directory: what a stage CLI flag takes, read off the rule's own declaration, so each path is written once."""
+    """A path the job declares (`io`: "input" or "output"; a list entry gives its first path; an entry the rule does
+    not declare gives None, so `cli` omits its flag), or its `up`-th parent directory: what a stage CLI flag takes,
+    read off the rule's own declaration, so each path is written once."""
     def get(input, output):
         value = {"input": input, "output": output}[io].get(name)
-        value = value if isinstance(value, str) else next(iter(value), None)
+        value = value if value is None or isinstance(value, str) else next(iter(value), None)
         return None if value is None else str(Path(value).parents[up - 1]) if up else str(value)
     return get
 

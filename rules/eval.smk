@@ -10,6 +10,9 @@ EVAL_CHECKPOINTS = {
     "sft_cold": f"{A}/sft_cold/final",
     "sft_full": f"{A}/sft_full/final",
     "distill": f"{A}/distill",
+    "rl_stem": f"{A}/rl_stem/final",
+    "rl_code": f"{A}/rl_code/final",
+    "rl_pref": f"{A}/rl_pref/final",
 }
 CHECKPOINTS_ARG = ",".join(f"{name}={path}" for name, path in EVAL_CHECKPOINTS.items())
 EVAL_DATA = "data/eval"
@@ -53,6 +56,12 @@ rule report:
         pretrain_live=rules.pretrain.output.live,
         plan=rules.schedule.output.plan,
         sft_data=rules.sft_data.output.metrics,
+        pass_filters=[rules.pass_filter_stem.output.manifest, rules.pass_filter_stem.output.histogram,
+                      rules.pass_filter_code.output.manifest, rules.pass_filter_code.output.histogram,
+                      rules.pass_filter_pref.output.manifest, rules.pass_filter_pref.output.histogram],
+        rl=[rules.rl_stem.output.manifest, rules.rl_code.output.manifest, rules.rl_pref.output.manifest],
+        rl_live=[rules.rl_stem.output.live, rules.rl_code.output.live, rules.rl_pref.output.live],
+        reward_model=rules.reward_model.output.metrics,
         paper="data/paper_results.yaml",
         ablation=files_if_present(f"ablation/{SCALE}/results.json"),
         code=code_inputs("stages.report"),
@@ -61,10 +70,13 @@ rule report:
         funnel_png=report(f"{A}/report/data_funnel.png", category="Report card"),
         pretrain_png=report(f"{A}/report/pretrain_loss.png", category="Report card"),
         eval_png=report(f"{A}/report/eval_accuracy.png", category="Report card"),
+        rl_filter_png=report(f"{A}/report/rl_pass_filter.png", category="Report card"),
+        rl_png=report(f"{A}/report/rl_metrics.png", category="Report card"),
         live=directory("dvclive/eval"),
     params:
         cfg=slices("report"),
-        cli=cli(f"--artifacts {A} --checkpoints {','.join(EVAL_CHECKPOINTS)} --benchmarks-dir {BENCH}",
+        cli=cli(f"--artifacts {A} --checkpoints {','.join(EVAL_CHECKPOINTS)} --benchmarks-dir {BENCH} "
+                "--rl-live-root dvclive",
             output_dir=path_of("output", "report", up=1), live_dir=path_of("output", "live"),
             pretrain_live=path_of("input", "pretrain_live"), sft_data=path_of("input", "sft_data"), ablation=path_of("input", "ablation")),
     log:

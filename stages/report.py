@@ -2,9 +2,11 @@
 
 Sections: the data funnel and utility histogram, the FG-WSD plan and the pretraining curve (loss and LR by
 phase), held-out loss at each phase end, accuracy per benchmark per checkpoint with its 95% interval, post-training
-(held-out ladder accuracy per level of base, teacher, sft_cold, sft_full, distill; what each stage bought, paired
-against the previous evaluated stage; the teacher's margin over the student; the SFT data's pass rates and rejection
-reasons), time and tokens per stage, the paper's table beside ours, and the ablation study when one has been run
+(held-out ladder accuracy per level of base, teacher, sft_cold, sft_full, distill, rl_stem, rl_code, rl_pref; what each
+stage bought, paired against the previous evaluated stage; the teacher's margin over the student; the SFT data's pass
+rates and rejection reasons), RL (each stage's pass-rate filter and its histogram, the GRPO run's rollout metrics per
+step, held-out accuracy before and after each stage on its domain, the reward model's held-out pair accuracy),
+time and tokens per stage, the paper's table beside ours, and the ablation study when one has been run
 (tools/ablate.py). Every figure is read from an artifact of this run; nothing is typed in except the paper's published
 numbers (data/paper_results.yaml); a checkpoint that was not evaluated has no row. Evaluation metrics also go to
 dvclive (dvclive/eval) for `dvc metrics show` and `dvc exp show`.
@@ -28,8 +30,13 @@ import yaml  # noqa: E402
 from stages import common, eval_stats  # noqa: E402
 
 STAGE = "report"
-POST_TRAINING = ("base", "teacher", "sft_cold", "sft_full", "distill")  # the recipe's order; rows only when evaluated
-STUDENT_CHAIN = ("base", "sft_cold", "sft_full", "distill")  # each stage starts from the one before it
+POST_TRAINING = ("base", "teacher", "sft_cold", "sft_full", "distill", "rl_stem", "rl_code", "rl_pref")  # recipe order
+STUDENT_CHAIN = ("base", "sft_cold", "sft_full", "distill", "rl_stem", "rl_code", "rl_pref")  # each from the one before
+# RL stage -> (the checkpoint it starts from, the held-out benchmarks of its domain)
+RL_STAGES = {"rl_stem": ("distill", ("ladder_math",)), "rl_code": ("rl_stem", ("ladder_code",)),
+             "rl_pref": ("rl_code", ("ladder_math", "ladder_code"))}
+RL_CURVES = (("rl", "reward_mean"), ("rl", "pass_rate"), ("rl", "response_length"), ("rl", "entropy"),
+             ("train", "clip_fraction"), ("rl", "truncation_rate"))  # dvclive <prefix>/<name> per step
 REPO = common.REPO
 PNG_META = {"Software": None}  # no version stamp: the same run gives the same bytes
 
@@ -129,6 +136,44 @@ def plot_eval(evals: dict, out: Path) -> Path | None:
     ax.set_ylabel("avg@k (%), 95% interval")
     ax.set_title("Accuracy per benchmark per checkpoint")
     ax.legend(fontsize=8)
+    return savefig(fig, out)
+
+
+def plot_rl(live_root: Path, out: Path) -> Path:
+    """The RL stages' rollout metrics per step (dvclive/<stage>), one panel per metric, one line per stage (a figure
+    saying so when no step ran)."""
+    series = {(st, name): read_tsv(live_root / st / "plots" / "metrics" / prefix / f"{name}.tsv")
+              for st in RL_STAGES for prefix, name in RL_CURVES}
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    if not any(series.values()):
+        fig.text(0.5, 0.5, "no GRPO step ran (no prompt kept)", ha="center", va="center")
+    for ax, (prefix, name) in zip(axes.flat, RL_CURVES):
+        for st in RL_STAGES:
+            pts = series[(st, name)]
+            if pts:
+                ax.plot([r["step"] for r in pts], [r[name] for r in pts], marker=".", label=st)
+        ax.set_title(f"{prefix}/{name}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    if any(series.values()):
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle("GRPO rollouts per optimizer step")
+    fig.tight_layout()
+    return savefig(fig, out)
+
+
+def plot_pass_filter(histograms: dict[str, dict], out: Path) -> Path | None:
+    """Each RL stage's pass-rate histogram: prompts with j of k passes, the kept band shaded."""
+    if not histograms:
+        return None
+    fig, axes = plt.subplots(1, len(histograms), figsize=(4.5 * len(histograms), 3.5), squeeze=False)
+    for ax, (role, h) in zip(axes[0], histograms.items()):
+        k = h["k"]
+        colors = ["#4a4" if h["low"] < j / k < h["high"] else "#c44" for j in range(k + 1)]
+        ax.bar(range(k + 1), h["passes"], color=colors)
+        ax.set_xticks(range(k + 1))
+        ax.set_xlabel(f"passes of k = {k}", fontsize=8)
+        ax.set_ylabel("prompts", fontsize=8)
+        ax.set_title(f"{role}: {h['verdicts']['kept']} kept (green band)", fontsize=9)
     return savefig(fig, out)
 
 
@@ -334,6 +379,99 @@ def post_training_section(evals: dict, scores: dict, resamples: int, seed: int,
     return "\n".join(s), live
 
 
+def _float(x, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if _number(x) else "—"
+
+
+def rl_section(art: Path, evals: dict, scores: dict, resamples: int, seed: int,
+               histograms: dict[str, dict]) -> tuple[str, dict[str, float]]:
+    """(markdown, dvclive metrics) of the RL part: the filters, the GRPO runs, before / after on each stage's domain,
+    the reward model. Read from the stages' manifests; a stage that has not run is said, not faked."""
+    filters = {r: common.read_manifest(art / "pass_filter" / r / "manifest.json") for r in RL_STAGES}
+    runs = {r: common.read_manifest(art / r / "manifest.json") for r in RL_STAGES}
+    rm = common.read_manifest(art / "reward_model" / "metrics.json")
+    if not any(filters.values()) and not any(runs.values()) and rm is None:
+        return "No RL stage has run.", {}
+    s, live = [], {}
+    rows = [[r, m["domain"], m["reward"], m["params"]["k"], m["counts"]["candidates"], m["counts"]["kept"],
+             m["counts"]["too_hard"], m["counts"]["too_easy"], pct(m["counts"]["mean_pass_rate"])]
+            for r, m in filters.items() if m]
+    if rows:
+        s += ["### Pass-rate filters", "",
+              "Before each stage the previous model answers every candidate k times; a prompt is kept when its pass "
+              "rate is strictly between the bounds (pass_filter.low / high), so its GRPO groups can differ.", "",
+              md_table(["stage", "domain", "reward", "k", "candidates", "kept", "too hard", "too easy",
+                        "mean pass rate (%)"], rows), ""]
+        if histograms:
+            s += ["![pass-rate histograms](rl_pass_filter.png)", ""]
+        for r, m in filters.items():
+            if m:
+                live.update({f"pass_filter/{r}/{k}": float(m["counts"][k]) for k in ("kept", "candidates")})
+    rows = [[r, m["counts"]["steps"], m["counts"]["kept_prompts"], m["counts"]["samples"],
+             m["counts"]["groups_dropped"], m["counts"]["truncated"],
+             f"{_float(m['reward_start'])} -> {_float(m['reward_end'])}",
+             f"{pct(m['pass_rate_start'])} -> {pct(m['pass_rate_end'])}", _float(m["wall_time_s"], 0)]
+            for r, m in runs.items() if m]
+    if rows:
+        s += ["### GRPO runs", "",
+              "Reward and pass rate of the first and the last step's rollout (the policy's own samples at the "
+              "rollout temperature, on the kept train prompts; not a held-out figure).", "",
+              md_table(["stage", "steps", "kept prompts", "samples", "zero-variance groups dropped", "truncated",
+                        "reward mean", "pass rate (%)", "wall s"], rows), ""]
+        untrained = [r for r, m in runs.items() if m and not m["counts"].get("trained", True)]
+        if untrained:
+            s += [f"Not trained (no prompt kept, min_prompts 0: the init checkpoint passed through): "
+                  f"{', '.join(untrained)}.", ""]
+        s += ["![GRPO rollout metrics](rl_metrics.png)", ""]
+        for r, m in runs.items():
+            if m:
+                live.update({f"{r}/{k}": float(m[k]) for k in ("reward_start", "reward_end") if _number(m[k])})
+    compared = []
+    for stage, (prev, benches) in RL_STAGES.items():
+        for bench in benches:
+            if bench in evals.get(stage, {}) and bench in evals.get(prev, {}):
+                d = compare(scores, prev, stage, bench, resamples, seed)
+                if d is not None:
+                    compared.append({"stage": stage, "previous": prev, "benchmark": bench,
+                                     "before": evals[prev][bench], "after": evals[stage][bench], **d})
+    s += ["### Held-out accuracy before and after each RL stage", ""]
+    if compared:
+        s += [md_table(["stage", "benchmark", "before (%)", "after (%)", "delta, points [95%]", "problems",
+                        "verdict"],
+                       [[f"{r['previous']} -> {r['stage']}", r["benchmark"], pct_ci(r["before"]), pct_ci(r["after"]),
+                         signed_ci(r), r["n"], r["verdict"]] for r in compared]), ""]
+        live.update(comparison_metrics(compared, "rl_delta/{stage}/{benchmark}", "delta"))
+    else:
+        s += ["Needs an RL stage and the checkpoint before it evaluated on the stage's ladder benchmark.", ""]
+    s += ["### Reward model (pairwise judge)", ""]
+    if isinstance(rm, dict) and isinstance(rm.get("heldout"), dict):
+        c, after, before = rm.get("counts", {}), rm["heldout"], rm.get("heldout_before") or {}
+        metric_rows = [[name, pct_ci_rate(before.get(name)), pct_ci_rate(after.get(name))]
+                       for name in ("pair_accuracy", "accuracy", "consistency")]
+        s += [f"{c.get('train_pairs', '—')} train / {c.get('heldout_pairs', '—')} held-out pairs (held out by "
+              f"prompt), {c.get('pairs_rejected', '—')} rejected, {c.get('steps', '—')} steps. Pair accuracy: "
+              "both orders averaged, one verdict per pair; accuracy: per comparison (2 per pair, not independent); "
+              "consistency: the verdict survives swapping the responses. Wilson 95% intervals.", "",
+              md_table(["held-out metric", "before training (%)", "after (%)"], metric_rows), ""]
+        for name in ("pair_accuracy", "accuracy", "consistency"):
+            if isinstance(after.get(name), dict):
+                live[f"reward_model/heldout/{name}"] = float(after[name]["value"])
+    elif isinstance(rm, dict):
+        c = rm.get("counts", {})
+        s += [f"The reward model did not train: {c.get('train_pairs', '—')} train / {c.get('heldout_pairs', '—')} "
+              "held-out pairs (min_pairs 0 let the init model stand in as the judge).", ""]
+    else:
+        s += ["The reward model has not run.", ""]
+    return "\n".join(s).rstrip(), live
+
+
+def pct_ci_rate(m: dict | None) -> str:
+    """A {value, ci95_low, ci95_high} rate as "62.5 [40.1, 80.2]"."""
+    if not isinstance(m, dict) or not _number(m.get("value")):
+        return "—"
+    return f"{100 * m['value']:.1f} [{100 * m['ci95_low']:.1f}, {100 * m['ci95_high']:.1f}]"
+
+
 def _md5(path: Path) -> str | None:
     """DVC's hash of a file (md5 of its bytes), None when absent."""
     if not path.is_file():
@@ -409,7 +547,7 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
                  params: dict, pretrain_live: Path = REPO / "dvclive" / "pretrain",
                  paper_file: Path = REPO / "data" / "paper_results.yaml",
                  ablation_file: Path | None = None, bench_dir: Path | None = None,
-                 sft_data_file: Path | None = None) -> str:
+                 sft_data_file: Path | None = None, rl_live_root: Path = REPO / "dvclive") -> str:
     art, out = Path(artifacts), Path(output_dir)
     scale = params["scale"]
     funnel = read_json(art / "funnel" / "funnel.json")
@@ -471,6 +609,15 @@ def write_report(artifacts: str | Path, checkpoints: list[str], output_dir: str 
     post, post_live = post_training_section(evals, scores, int(params["bootstrap_resamples"]), int(params["seed"]),
                                             sft_data_file)
     s += [post, ""]
+    histograms = {r: h for r in RL_STAGES
+                  if (h := common.read_manifest(art / "pass_filter" / r / "histogram.json")) is not None}
+    rl_text, rl_live = rl_section(art, evals, scores, int(params["bootstrap_resamples"]), int(params["seed"]),
+                                  histograms)
+    rl_pngs = [plot_pass_filter(histograms, out / "rl_pass_filter.png"),
+               plot_rl(Path(rl_live_root), out / "rl_metrics.png")]
+    pngs += [p for p in rl_pngs if p]
+    post_live.update(rl_live)
+    s += ["## Reinforcement learning", "", rl_text, ""]
 
     s += ["## Time and tokens per stage", ""]
     times = stage_times(bench_dir) if bench_dir and bench_dir.is_dir() else []
@@ -522,6 +669,7 @@ def main() -> None:
     ap.add_argument("--ablation", default=None, help="ablation results JSON (tools/ablate.py), if any")
     ap.add_argument("--benchmarks-dir", default=None, help="Snakemake benchmark files, if any")
     ap.add_argument("--sft-data", default=None, help="the sft_data stage's metrics.json, if any")
+    ap.add_argument("--rl-live-root", default="dvclive", help="where the RL stages' dvclive directories are")
     args = ap.parse_args()
     try:
         params = common.resolve_cli_params(args, STAGE)
@@ -529,7 +677,8 @@ def main() -> None:
                      pretrain_live=Path(args.pretrain_live),
                      ablation_file=Path(args.ablation) if args.ablation else None,
                      bench_dir=Path(args.benchmarks_dir) if args.benchmarks_dir else None,
-                     sft_data_file=Path(args.sft_data) if args.sft_data else None)
+                     sft_data_file=Path(args.sft_data) if args.sft_data else None,
+                     rl_live_root=Path(args.rl_live_root))
     except common.StageError as exc:
         common.fail(exc)
     print(f"report card: {Path(args.output_dir) / 'report.md'}")

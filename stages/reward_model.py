@@ -36,6 +36,10 @@ The judge sees each response as its content (response_view "answer") or reasonin
 A bad pair is rejected with its reason (REJECT_REASONS; the chat reasons of stages.chat), never repaired or truncated:
 pairs read == kept + rejected (checked), counts by reason in the manifest, the rows in rejected.parquet.
 
+Fewer than `min_pairs` kept pairs, or (min_pairs > 0) a side with none, is an error; with min_pairs 0 and a side
+empty the init model is written as the judge, untrained (counts.trained false, no held-out figure; the end-to-end
+test's tiny run, whose few-step teacher yields no pair).
+
 Held-out: the pairs whose sha256("reward_model/heldout/<prompt_id>") (first 8 bytes as a fraction of 2^64) is below
 heldout_fraction. Before and after training, overall and per source:
   accuracy       share of the 2P comparisons that prefer the chosen response (Wilson 95% over 2P: optimistic, the two
@@ -569,17 +573,19 @@ def prepare_pairs(pair_paths: list[str | Path], judge: PairwiseJudge, p: dict) -
     rejected, n_read = unreadable + dropped, len(read) + len(unreadable)
     common.check_conservation(STAGE, "pairs", n_read, kept=len(kept), rejected=len(rejected))
     train, heldout = split_pairs(kept, float(p["heldout_fraction"]))
-    if not train or not heldout:
+    if len(kept) < int(p["min_pairs"]) or (int(p["min_pairs"]) and (not train or not heldout)):
         raise common.StageError(f"{STAGE}: {len(train)} train and {len(heldout)} held-out pairs of {len(kept)} kept "
                                 f"({len(rejected)} rejected: {count_by(rejected, lambda r: r['reason'])}); both "
-                                f"sides need pairs: more pairs or another heldout_fraction")
+                                f"sides need pairs (min_pairs {p['min_pairs']}): more pairs or another "
+                                f"heldout_fraction")
     counts = {"pairs_read": n_read, "pairs_kept": len(kept), "pairs_rejected": len(rejected),
               "rejected_by_reason": count_by(rejected, lambda r: r["reason"]),
               "kept_by_source": count_by(kept, lambda q: q.source),
               "train_pairs": len(train), "heldout_pairs": len(heldout),
               "train_prompts": len({q.prompt_id for q in train}),
               "heldout_prompts": len({q.prompt_id for q in heldout}),
-              "judge_tokens_max": max(len(ids) for q in kept for ids in (q.chosen_first, q.chosen_second))}
+              "judge_tokens_max": max((len(ids) for q in kept for ids in (q.chosen_first, q.chosen_second)),
+                                      default=0)}
     return {"files": files, "train": train, "heldout": heldout, "rejected": rejected, "counts": counts}
 
 
@@ -593,6 +599,23 @@ def write_judge(dest: Path, model, fmt: JudgeFormat, init_dir: Path) -> list[Pat
         (tmp / JUDGE_FILE).write_text(json.dumps({"response_view": fmt.response_view, "max_len": fmt.max_len},
                                                  indent=2) + "\n", encoding="utf-8")
     return sorted(dest.iterdir())
+
+
+def write_untrained(output_dir: Path, live_dir: Path, model, fmt: JudgeFormat, init_dir: Path, d: dict,
+                    inputs: list[Path], p: dict) -> dict:
+    """The outputs when a side has no pair and min_pairs is 0: the init model as the judge, no held-out figure."""
+    live = common.open_live(live_dir)
+    live.log_metric("train/steps", 0)  # a plots/ dir too: dvc.yaml declares it
+    live.end()
+    files = write_judge(output_dir / "judge", model, fmt, init_dir)
+    rejected_path = output_dir / "rejected.parquet"
+    common.write_table(rejected_path, common.rows_to_table(d["rejected"], REJECTED_SCHEMA))
+    counts = {**d["counts"], "steps": 0, "pairs_trained": 0, "tokens_seen": 0, "trained": False}
+    common.write_json(output_dir / "metrics.json", {"heldout": None, "heldout_before": None, "counts": counts})
+    return common.write_manifest(output_dir / "manifest.json", stage=STAGE, params=p, inputs=inputs,
+                                 outputs=[*files, rejected_path, output_dir / "metrics.json"], counts=counts,
+                                 code=common.code_version_closure(*CODE),
+                                 extra={"init": str(init_dir), "heldout_accuracy": None, "wall_time_s": 0.0})
 
 
 def run_reward_model(pair_paths: list[str | Path], init_dir: str | Path, output_dir: str | Path,
@@ -613,6 +636,9 @@ def run_reward_model(pair_paths: list[str | Path], init_dir: str | Path, output_
     fmt = JudgeFormat(str(p["response_view"]), int(p["max_len"]))
     judge = PairwiseJudge(model, load_chat_tokenizer(init_dir), fmt, device)
     d = prepare_pairs(pair_paths, judge, p)
+    inputs = [*d["files"], *(init_dir / name for name in ("config.json", "model.safetensors", *TOKENIZER_FILES))]
+    if not d["train"] or not d["heldout"]:  # min_pairs 0: the init model is the judge, untrained (module docstring)
+        return write_untrained(output_dir, Path(live_dir), model, fmt, init_dir, d, inputs, p)
     eval_batch = 2 * int(p["micro_batch_pairs"])
     before = heldout_metrics(judge, d["heldout"], eval_batch)
 
@@ -620,7 +646,6 @@ def run_reward_model(pair_paths: list[str | Path], init_dir: str | Path, output_
     batches = PairBatches(d["train"], int(p["seed"]), int(p["pairs_per_step"]), int(p["micro_batch_pairs"]),
                           judge.pad_id)
     lr = warmup_decay(steps, int(p["warmup_steps"]), float(p["lr_peak"]), float(p["lr_final"]), p["lr_shape"])
-    inputs = [*d["files"], *(init_dir / name for name in ("config.json", "model.safetensors", *TOKENIZER_FILES))]
     root = training.run_dir(resume_dir, {STAGE: p, "inputs": {str(f): common.sha256_file(f) for f in inputs}}, CODE)
     live = common.open_live(live_dir)
     trainer = training.Trainer(model, training.build_optimizer(model, p, device), lambda t: piecewise_lr(lr, t),
@@ -647,7 +672,7 @@ def run_reward_model(pair_paths: list[str | Path], init_dir: str | Path, output_
     rejected_path = output_dir / "rejected.parquet"
     common.write_table(rejected_path, common.rows_to_table(d["rejected"], REJECTED_SCHEMA))
     counts = {**d["counts"], "steps": steps, "pairs_trained": steps * int(p["pairs_per_step"]),
-              "tokens_seen": state["tokens_seen"]}
+              "tokens_seen": state["tokens_seen"], "trained": True}
     metrics = {"heldout": state["stage"]["heldout"], "heldout_before": before, "counts": counts}
     common.write_json(output_dir / "metrics.json", metrics)
     extra = {"init": str(init_dir), "heldout_accuracy": state["stage"]["heldout"]["accuracy"],
@@ -681,6 +706,10 @@ def main() -> None:
         print(f"{STAGE}: stopped at --stop-at {args.stop_at}; rerun to resume")
         return
     c, acc = manifest["counts"], manifest["heldout_accuracy"]
+    if not c["trained"]:
+        print(f"{STAGE}: {c['train_pairs']} train / {c['heldout_pairs']} held-out pairs (min_pairs 0): the init model "
+              f"is the judge, untrained")
+        return
     print(f"{STAGE}: {c['train_pairs']} train / {c['heldout_pairs']} held-out pairs ({c['pairs_rejected']} rejected), "
           f"{c['steps']} steps, loss {manifest['loss_start']:.3f} -> {manifest['loss_end']:.3f}, held-out accuracy "
           f"{acc['value']:.3f} [{acc['ci95_low']:.3f}, {acc['ci95_high']:.3f}], {manifest['wall_time_s']} s")

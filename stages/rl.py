@@ -1,9 +1,13 @@
-r"""On-policy GRPO (RECIPE.md, RL): rl_stem and rl_code, one stage module with two roles (params slices).
+r"""On-policy GRPO (RECIPE.md, RL): rl_stem, rl_code and rl_pref, one stage module with three roles (params slices).
 
   rl_stem   the distilled checkpoint trained on the math prompts its pass-rate filter kept (the paper's STEM stage;
             reward: the math verifier)
   rl_code   the rl_stem checkpoint trained on the code prompts its filter kept (reward: public + hidden tests in the
             sandbox, binary)
+  rl_pref   the rl_code checkpoint trained on the math and code prompts its filter kept, rewarded by the pairwise
+            reward model (stages/reward_model.py, --judge-dir): R(y, r) of the sample against the task's reference
+            solution, both orders averaged, in (0, 1) (the paper's human-preference stage; tiny has no chat prompts,
+            so the ladder's prompts stand in)
 
 The kept set is stages/pass_filter.py's kept.parquet for the role (0.1 < pass rate < 0.9 under the previous model);
 the loss and its formula are stages/grpo_loss.py's (no KL by default, truncated samples masked, token-level mean
@@ -16,14 +20,17 @@ A step's rollout (GRPORollouts, the Trainer's batch source; the policy is the Tr
             <|im_end|> / <|endoftext|>), sample j of prompt q at step t seeded by derived_seed(seed, role, t, q, j),
             j counting on when q recurs within the step, so a rollout depends on the weights, the step and the params
             alone and a resumed run draws the same samples
-  rewards   pass_filter.task_rewards (evaluation's ladder verifier: the filter, the reward and the held-out accuracy
-            judge alike); the old log-probs are the engine's (Completion.logprobs)
+  rewards   pass_filter.role_rewarder: evaluation's ladder verifier (the filter, the reward and the held-out accuracy
+            judge alike) or, for rl_pref, the reward model; the old log-probs are the engine's (Completion.logprobs)
   rounds    zero-variance groups are dropped (grpo_loss); while the step has no token to train, it samples another
             round, at most max_rounds (DAPO's dynamic sampling, bounded), and trains on every kept group of its
             rounds; none after max_rounds is a StageError (no prompt of the kept set is learnable for this policy)
   epochs    one rollout per optimizer step (ppo_epochs 1: on-policy); ppo_epochs E reuses a rollout for E steps, the
             rollout saved in the resume state so a stop between them resumes exactly
 Generation runs under torch.no_grad with the model in eval mode, back in train mode before the micro-batches return.
+Rollouts come from our engine or, with rollout_engine vllm (GPU nodes), from a colocated vLLM engine that gets the
+policy's weights before every rollout (VLLMEngine.sync_weights); the old log-probs are then vLLM's raw ones, and a
+resume gets samples of the same distribution, not the same samples (exactness holds on our engine).
 
 Logged per step (dvclive, --live-dir): train/loss, train/pg, train/clip_fraction, train/ratio (train/kl with
 kl_coef > 0), train/lr, train/grad_norm, and over the step's rollout (all rounds, dropped groups included):
@@ -37,6 +44,10 @@ Outputs (--output-dir): final/ (HF checkpoint + the init checkpoint's tokenizer 
 totals over the run's rollouts, reward and pass rate of the first and last step, losses, wall time). Resume states
 live in --resume-dir/<hash of the slice, kept set, init weights, code, torch>/: N steps == k steps + stop + resume
 to N, bit for bit (tests/test_grpo.py).
+
+A kept set smaller than `min_prompts` is an error; with min_prompts 0 and nothing kept the output is the init
+checkpoint unchanged (counts.trained false, steps 0; the end-to-end test's tiny run, whose few-step models solve
+nothing).
 
 Params: the role's slice (--params-json {"rl_stem": {...}}).
 """
@@ -54,10 +65,11 @@ from stages.chat import load_chat_tokenizer
 from stages.eval_stats import derived_seed
 from stages.grpo_loss import GRPOConfig, GRPOLoss, Sample, grpo_micro_batches
 from stages.lr_schedule import piecewise_lr, warmup_decay
-from stages.pass_filter import ROLE_DOMAIN, Rewarder, prompt_ids, sample_answers, task_rewards
+from stages.pass_filter import (ROLE_DOMAINS, Rewarder, judge_inputs, prompt_ids, role_rewarder, rollout_engine,
+                                sample_answers)
 from stages.tokenize import PAD
 
-ROLES = tuple(ROLE_DOMAIN)
+ROLES = tuple(ROLE_DOMAINS)
 CODE = ("stages.rl",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOTALS = ("samples", "truncated", "groups_kept", "groups_dropped", "rounds", "tokens_trained")
@@ -78,17 +90,28 @@ def check_params(p: dict) -> None:
         raise common.StageError("rl: " + "; ".join(problems))
 
 
-def load_kept(kept_dir: str | Path, role: str) -> list[dict]:
-    """The kept records of the role's pass filter (its manifest must say so), in file order."""
+def load_kept(kept_dir: str | Path, role: str, min_prompts: int = 1) -> list[dict]:
+    """The kept records of the role's pass filter (its manifest must say so), in file order; fewer than min_prompts
+    is an error."""
     kept_dir = Path(kept_dir)
     manifest = common.read_manifest(kept_dir / "manifest.json")
     if manifest is None or manifest.get("stage") != "pass_filter" or manifest.get("role") != role:
         raise common.StageError(f"{kept_dir / 'manifest.json'}: missing or not the pass_filter manifest of {role}")
     records = pq.read_table(common.input_shard(kept_dir, "kept")).to_pylist()
-    if not records:
-        raise common.StageError(f"{kept_dir / 'kept.parquet'}: no prompts kept (histogram.json: every candidate was "
-                                f"too hard or too easy for the previous model)")
+    if len(records) < min_prompts:
+        raise common.StageError(f"{kept_dir / 'kept.parquet'}: {len(records)} prompts kept, fewer than min_prompts "
+                                f"{min_prompts} (histogram.json: the other candidates were too hard or too easy for "
+                                f"the previous model)")
     return records
+
+
+def write_final(output_dir: Path, model, init_dir: Path) -> None:
+    """final/: the HF checkpoint + the init checkpoint's tokenizer files, written whole."""
+    from model import save_pretrained
+    with common.atomic_dir(output_dir / "final") as tmp:
+        save_pretrained(model, tmp)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(init_dir / name, tmp / name)
 
 
 def rollout_stats(groups: list[list[Sample]], dropped: int, rounds: int, micros: list[dict]) -> dict[str, float]:
@@ -106,9 +129,10 @@ class GRPORollouts:
     """The batch source (module docstring): micro_batches(step) samples the step's rollout from the policy, or
     reuses the current one inside its ppo_epochs; state = the prompt cursor (+ the rollout when ppo_epochs > 1)."""
 
-    def __init__(self, model, tok, records: list[dict], p: dict, role: str, reward_fn: Rewarder, ref_model=None):
+    def __init__(self, model, tok, records: list[dict], p: dict, role: str, reward_fn: Rewarder, ref_model=None,
+                 engine=None):
         self.model, self.tok, self.records, self.p, self.role = model, tok, records, p, role
-        self.reward_fn, self.ref = reward_fn, ref_model
+        self.reward_fn, self.ref, self.engine = reward_fn, ref_model, engine
         self.cfg = GRPOConfig.from_params(p)
         self.prompts = prompt_ids(tok, records)
         self.pad_id = tok.token_to_id(PAD)
@@ -135,7 +159,7 @@ class GRPORollouts:
             first = seen.get(q, 0)
             seen[q] = first + size
             seeds.append([derived_seed(int(p["seed"]), self.role, step, q, j) for j in range(first, first + size)])
-        completions = sample_answers(self.model, self.tok, [self.prompts[i] for i in chosen], seeds, p)
+        completions = sample_answers(self.model, self.tok, [self.prompts[i] for i in chosen], seeds, p, self.engine)
         rewards = self.reward_fn([self.records[i] for i in chosen for _ in range(size)],
                                  [c.text for row in completions for c in row], p)
         return [[Sample(self.prompts[i], c.token_ids, c.logprobs, float(rewards[g * size + j]),
@@ -146,6 +170,8 @@ class GRPORollouts:
         """{"step", "micros", "stats"}: rounds until the step has tokens to train (at most max_rounds)."""
         groups, seen = [], {}
         self.model.eval()
+        if self.engine is not None:  # the policy's current weights into vLLM before its rollout (model/vllm_engine.py)
+            self.engine.sync_weights(self.model)
         with torch.no_grad():
             for rounds in range(1, int(self.p["max_rounds"]) + 1):
                 groups += self.sample_round(step, seen)
@@ -183,30 +209,46 @@ class GRPORollouts:
 
 
 def run_rl(role: str, kept_dir: str | Path, init_dir: str | Path, output_dir: str | Path, resume_dir: str | Path,
-           live_dir: str | Path, p: dict, max_steps: int | None = None,
-           reward_fn: Rewarder = task_rewards) -> dict | None:
+           live_dir: str | Path, p: dict, max_steps: int | None = None, reward_fn: Rewarder | None = None,
+           judge_dir: str | Path | None = None) -> dict | None:
     """Train `role` from init_dir on the kept set (resuming this run's newest state); write final/ and the manifest.
     max_steps stops after that many optimizer steps in all (what a kill leaves) and returns None; reward_fn scores
-    the completions (tests pass their own)."""
-    from model import load_pretrained, save_pretrained
+    the completions (None: the role's reward, pass_filter.role_rewarder, the judge read from judge_dir; tests pass
+    their own)."""
+    from model import load_pretrained
     if role not in ROLES:
         raise common.StageError(f"role must be one of {ROLES}, got {role!r}")
     check_params(p)
     kept_dir, init_dir, output_dir = Path(kept_dir), Path(init_dir), Path(output_dir)
-    records = load_kept(kept_dir, role)
+    records = load_kept(kept_dir, role, int(p["min_prompts"]))
     torch.set_num_threads(int(p["cpu_threads"]))
     device = training.default_device()
     training.seed_run(int(p["seed"]), device)
     tok = load_chat_tokenizer(init_dir)
     model = load_pretrained(init_dir, device=device, dtype=torch.float32)
+    inputs = [kept_dir / "kept.parquet", init_dir / "model.safetensors", init_dir / "config.json",
+              *judge_inputs(judge_dir)]
+    if not records:  # min_prompts 0: nothing to learn from, the init checkpoint passes through (module docstring)
+        write_final(output_dir, model, init_dir)
+        live = common.open_live(live_dir)
+        live.log_metric("rl/steps", 0)  # a plots/ dir too: dvc.yaml declares it
+        live.end()
+        return common.write_manifest(
+            output_dir / "manifest.json", stage=role, params=p, inputs=inputs,
+            outputs=sorted((output_dir / "final").iterdir()),
+            counts={"steps": 0, "kept_prompts": 0, **dict.fromkeys(TOTALS, 0), "tokens_seen": 0, "trained": False},
+            code=common.code_version_closure(*CODE),
+            extra={"role": role, "init": str(init_dir), "judge": None if judge_dir is None else str(judge_dir),
+                   "reward_start": None, "reward_end": None, "pass_rate_start": None, "pass_rate_end": None,
+                   "loss_start": None, "loss_end": None, "wall_time_s": 0.0})
+    reward_fn = reward_fn or role_rewarder(role, judge_dir, p)
     ref = None
     if float(p["kl_coef"]):
         ref = load_pretrained(init_dir, device=device, dtype=torch.float32).eval().requires_grad_(False)
     steps = int(p["steps"])
     lr = warmup_decay(steps, int(p["warmup_steps"]), float(p["lr_peak"]), float(p["lr_final"]), p["lr_shape"])
-    inputs = [kept_dir / "kept.parquet", init_dir / "model.safetensors", init_dir / "config.json"]
     root = training.run_dir(resume_dir, {role: p, "inputs": {f.name: common.sha256_file(f) for f in inputs}}, CODE)
-    batches = GRPORollouts(model, tok, records, p, role, reward_fn, ref)
+    batches = GRPORollouts(model, tok, records, p, role, reward_fn, ref, rollout_engine(init_dir, p))
     live = common.open_live(live_dir)
     trainer = training.Trainer(model, training.build_optimizer(model, p, device), lambda t: piecewise_lr(lr, t),
                                GRPOLoss(batches.cfg), batches, training.LoopConfig.from_params(p),
@@ -226,15 +268,13 @@ def run_rl(role: str, kept_dir: str | Path, init_dir: str | Path, output_dir: st
     live.end()
     if not finished:
         return None
-    with common.atomic_dir(output_dir / "final") as tmp:
-        save_pretrained(model, tmp)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(init_dir / name, tmp / name)
+    write_final(output_dir, model, init_dir)
     state = trainer.state
     first, last = state["stage"]["first"], state["stage"]["last"]
     counts = {"steps": steps, "kept_prompts": len(records), **state["stage"]["totals"],
-              "tokens_seen": state["tokens_seen"]}
-    extra = {"role": role, "init": str(init_dir), "reward_start": first["reward_mean"],
+              "tokens_seen": state["tokens_seen"], "trained": True}
+    extra = {"role": role, "init": str(init_dir), "judge": None if judge_dir is None else str(judge_dir),
+             "reward_start": first["reward_mean"],
              "reward_end": last["reward_mean"], "pass_rate_start": first["pass_rate"],
              "pass_rate_end": last["pass_rate"], "loss_start": state["loss_start"], "loss_end": state["loss_end"],
              "wall_time_s": round(state["wall_time"], 3), "resume_dir": str(root)}
@@ -249,7 +289,9 @@ def main() -> None:
     ap.add_argument("--kept-dir", required=True, help="the role's pass filter: artifacts/<scale>/pass_filter/<role>")
     ap.add_argument("--init-dir", required=True,
                     help="checkpoint to start from: artifacts/<scale>/distill (rl_stem), "
-                         "artifacts/<scale>/rl_stem/final (rl_code)")
+                         "artifacts/<scale>/rl_stem/final (rl_code), artifacts/<scale>/rl_code/final (rl_pref)")
+    ap.add_argument("--judge-dir", default=None,
+                    help="the reward model, for rl_pref: artifacts/<scale>/reward_model/judge")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--resume-dir", required=True,
                     help="resume states, outside the outputs: checkpoints/<scale>/<role>")
@@ -258,13 +300,16 @@ def main() -> None:
     args = ap.parse_args()
     try:
         manifest = run_rl(args.role, args.kept_dir, args.init_dir, args.output_dir, args.resume_dir, args.live_dir,
-                          common.resolve_cli_params(args, args.role), args.max_steps)
+                          common.resolve_cli_params(args, args.role), args.max_steps, judge_dir=args.judge_dir)
     except common.StageError as exc:
         common.fail(exc)
     if manifest is None:
         print(f"{args.role}: stopped at --max-steps {args.max_steps}; rerun to resume")
         return
     c = manifest["counts"]
+    if not c["trained"]:
+        print(f"{args.role}: no prompt kept (min_prompts 0): the init checkpoint passed through untrained")
+        return
     print(f"{args.role}: {c['steps']} steps, {c['samples']} samples ({c['groups_dropped']} zero-variance groups "
           f"dropped, {c['truncated']} truncated), reward {manifest['reward_start']:.3f} -> "
           f"{manifest['reward_end']:.3f}, {manifest['wall_time_s']:.1f} s")

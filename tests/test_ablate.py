@@ -6,7 +6,7 @@ import json
 import pytest
 
 from stages.report import ablation_section
-from tools.ablate import mean_sd, results_table, runs
+from tools.ablate import mean_sd, merge_studies, results_table, runs
 
 SPEC = {"target": "report", "seeds": [1, 2, 3], "seed_key": "pretrain.seed", "provenance": ["plan.json"],
         "variants": {"fgwsd": {"pretrain.schedule": "fgwsd"}, "wsd": {"pretrain.schedule": "wsd"}},
@@ -56,3 +56,18 @@ def test_report_marks_stale_and_foreign_tables(tmp_path):
     foreign.write_text(json.dumps({"studies": [{"study": "schedule", "columns": ["loss"], "command": "x",
                                                 "rows": [{"variant": "fgwsd", "loss": 6.3}]}]}))
     assert "provenance unknown" in ablation_section(foreign, repo=tmp_path)
+
+
+def test_one_study_rerun_keeps_the_other_studies_tables():
+    """`--study distill` replaces distill's table and keeps schedule's; a study gone from params.yaml is dropped."""
+    def table(study, value):
+        return {"study": study, "columns": [f"{study}_metric"], "command": f"python -m tools.ablate --study {study}",
+                "rows": [{"variant": "a", f"{study}_metric": value}]}
+    previous = [table("schedule", 1.0), table("distill", 2.0), table("gone", 9.0)]
+    merged = merge_studies(previous, [table("distill", 3.0)], ["schedule", "distill"])
+    assert [t["study"] for t in merged["studies"]] == ["schedule", "distill"]
+    assert merged["rows"] == [{"variant": "schedule: a", "schedule_metric": 1.0},
+                              {"variant": "distill: a", "distill_metric": 3.0}]
+    assert merged["columns"] == ["distill_metric", "schedule_metric"] and merged["command"] == "python -m tools.ablate"
+    only = merge_studies([], [table("distill", 3.0)], ["schedule", "distill"])
+    assert only["command"] == "python -m tools.ablate --study distill" and len(only["studies"]) == 1

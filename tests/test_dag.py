@@ -23,7 +23,8 @@ COPY = ["Snakefile", "rules", "stages", "model", "kernels", "tools", "data", "pr
         "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 CORES = os.environ.get("TEST_DAG_CORES", "2")  # the end-to-end run; 1 on a shared machine
 DATA_RULES = ["ingest", "filter", "dedup_edges", "dedup_index", "dedup", "quality_model", "score", "select", "schedule", "funnel"]
-POST_TRAINING = ["base", "teacher", "sft_cold", "sft_full", "distill"]
+POST_TRAINING = ["base", "teacher", "sft_cold", "sft_full", "distill", "rl_stem", "rl_code", "rl_pref"]
+RL_ROLES = ["rl_stem", "rl_code", "rl_pref"]
 UPSTREAM_OF_SCORE = {"ingest", "filter", "dedup_edges", "dedup_index", "dedup", "quality_model"}
 
 
@@ -128,7 +129,15 @@ FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 8000
         "scales.tiny.sft_data.max_per_level": {"math": 1, "code": 1}, "scales.tiny.sft_data.max_new_tokens": 24,
         "scales.tiny.distill_targets.prompts_per_level": {"math": 1, "code": 1},
         "scales.tiny.distill_targets.max_new_tokens": 24, "scales.tiny.distill.min_pairs": 0,
-        "scales.tiny.distill.max_steps": 2}
+        "scales.tiny.distill.max_steps": 2,
+        # RL: the filters sample 2 answers to 1 prompt per level; models this weak solve none, so nothing is kept
+        # and each RL stage passes its init checkpoint through (min_prompts 0; tests/test_grpo.py trains for real),
+        # and the judge is the distilled student untrained (min_pairs 0; tests/test_reward_model.py trains it)
+        "scales.tiny.pass_filter.k": 2, "scales.tiny.pass_filter.max_prompts_per_level": 1,
+        "scales.tiny.pass_filter.max_new_tokens": 24,
+        **{f"scales.tiny.{r}.{k}": v for r in RL_ROLES for k, v in (("min_prompts", 0), ("steps", 1),
+                                                                   ("max_new_tokens", 24))},
+        "scales.tiny.reward_model.min_pairs": 0}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +155,7 @@ def snakemake_run(tmp_path_factory):
 def test_snakemake_runs_the_whole_dag_end_to_end(snakemake_run):
     art = snakemake_run / "artifacts" / "tiny"
     report = (art / "report" / "report.md").read_text()
-    for png in ("data_funnel.png", "pretrain_loss.png", "eval_accuracy.png"):
+    for png in ("data_funnel.png", "pretrain_loss.png", "eval_accuracy.png", "rl_pass_filter.png", "rl_metrics.png"):
         assert (art / "report" / png).stat().st_size > 10_000 and f"]({png})" in report
     assert "| base |" in report and "Nanbeige4-3B (paper)" in report
     for stage in POST_TRAINING:  # every post-training checkpoint evaluated through the harness, in the card
@@ -157,6 +166,11 @@ def test_snakemake_runs_the_whole_dag_end_to_end(snakemake_run):
     for role in ("teacher", "sft_cold", "sft_full"):
         assert json.loads((art / role / "manifest.json").read_text())["counts"]["steps"] >= 1, role
     assert json.loads((art / "distill_targets" / "manifest.json").read_text())["counts"]["prompts"] > 0
+    for role in RL_ROLES:  # each RL stage ran its filter (k answers per candidate) and wrote a checkpoint
+        c = json.loads((art / "pass_filter" / role / "manifest.json").read_text())["counts"]
+        assert c["samples"] == 2 * c["candidates"] > 0 and c["kept"] + c["too_hard"] + c["too_easy"] == c["candidates"]
+        assert (art / role / "final" / "model.safetensors").is_file(), role
+    assert "## Reinforcement learning" in report and "### Pass-rate filters" in report
     pretrain = json.loads((art / "pretrain" / "manifest.json").read_text())
     assert pretrain["loss_end"] < pretrain["loss_start"] - 1.0
     sliced = common.stage_params(yaml.safe_load((snakemake_run / "params.yaml").read_text()), "pretrain")

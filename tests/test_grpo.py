@@ -24,13 +24,15 @@ TASKS = {"seed": 1234,
                   "public_tests": 2, "hidden_tests": 3}}
 VERIFY = {"sympy_timeout_s": 5.0, "sandbox_timeout_s": 5.0, "sandbox_memory_mb": 1024, "sandbox_workers": 1}
 FILTER = {"seed": 1234, "scale": "tiny", "k": 4, "low": 0.1, "high": 0.9, "max_prompts_per_level": 6,
-          "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "batch_size": 32, "cpu_threads": 1, **VERIFY}
-RL = {"seed": 1234, "scale": "tiny", "steps": 4, "prompts_per_step": 2, "group_size": 4, "max_rounds": 3,
+          "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "batch_size": 32, "cpu_threads": 1,
+          "rollout_engine": "native", **VERIFY}
+RL = {"seed": 1234, "scale": "tiny", "min_prompts": 1, "steps": 4, "prompts_per_step": 2, "group_size": 4,
+      "max_rounds": 3,
       "ppo_epochs": 1, "micro_batch_size": 4, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 16,
       "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "scale_std": True, "adv_eps": 1e-6, "optimizer": "adamw",
       "lr_peak": 1e-3, "lr_final": 1e-4, "warmup_steps": 1, "lr_shape": "cosine", "adam_betas": [0.9, 0.95],
       "adam_eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0, "checkpoint_every": 100, "log_every": 1,
-      "progress_every_steps": 10, "progress_every_s": 30, "cpu_threads": 1, **VERIFY}
+      "progress_every_steps": 10, "progress_every_s": 30, "cpu_threads": 1, "rollout_engine": "native", **VERIFY}
 CFG = GRPOConfig(clip_low=0.2, clip_high=0.2)
 
 
@@ -300,3 +302,89 @@ def test_task_rewards_are_the_ladder_verifier():
     bad_code = f"```python\n{c['prompt'].splitlines()[0]}\n    return None\n```"
     texts = [f"#### {m['answer']}", f"#### {int(m['answer']) + 1}\n#### {m['answer']}", good_code, bad_code]
     assert pass_filter.task_rewards([m, m, c, c], texts, VERIFY) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_rl_pref_filter_mixes_domains_and_needs_the_judge(world, tmp_path):
+    """rl_pref's candidates are math and code (per domain and level); the kept table unifies the two schemas; its
+    reward is the judge, so without --judge-dir it is refused."""
+    m = pass_filter.run_pass_filter("rl_pref", world["tasks"], world["init"], tmp_path, dict(FILTER),
+                                    reward_fn=coin_reward)
+    rates = pq.read_table(tmp_path / "pass_rates.parquet").to_pylist()
+    assert m["domain"] == "math+code" and m["reward"] == "judge" and m["counts"]["candidates"] == 12 + 3
+    assert {q["domain"] for q in rates} == {"math", "code"}
+    hist = common.read_manifest(tmp_path / "histogram.json")
+    assert set(hist["by_level"]) == {"math/1", "math/2", "code/1"}
+    assert {"test", "entry_point", "answer"} <= set(pq.read_schema(tmp_path / "kept.parquet").names)
+    with pytest.raises(common.StageError, match="pass --judge-dir"):
+        pass_filter.role_rewarder("rl_pref", None, FILTER)
+    assert pass_filter.role_rewarder("rl_code", None, FILTER) is pass_filter.task_rewards
+
+
+def test_nothing_kept_passes_the_init_through_only_with_min_prompts_zero(world, tmp_path):
+    pass_filter.run_pass_filter("rl_stem", world["tasks"], world["init"], tmp_path / "kept", dict(FILTER),
+                                reward_fn=lambda records, texts, p: [0.0] * len(texts))
+    with pytest.raises(common.StageError, match="0 prompts kept, fewer than min_prompts 1"):
+        rl.run_rl("rl_stem", tmp_path / "kept", world["init"], tmp_path / "a", tmp_path / "ra", tmp_path / "la",
+                  dict(RL))
+    m = rl.run_rl("rl_stem", tmp_path / "kept", world["init"], tmp_path / "b", tmp_path / "rb", tmp_path / "lb",
+                  {**RL, "min_prompts": 0})
+    assert m["counts"]["trained"] is False and m["counts"]["steps"] == 0 and m["reward_start"] is None
+    from model import load_pretrained
+    a, b = load_pretrained(world["init"]), load_pretrained(tmp_path / "b" / "final")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (tmp_path / "b" / "final" / "tokenizer.json").is_file()
+    assert (tmp_path / "lb" / "plots").is_dir()  # dvc.yaml declares dvclive/<stage>/plots: it must exist
+
+
+def test_rl_pref_trains_against_a_judge_directory(world, tmp_path):
+    """The judge a reward_model run writes, read by --judge-dir: rl_pref's rewards are R(y, r) in (0, 1), so its
+    groups have variance and a step trains."""
+    from stages import reward_model as rm
+    pass_filter.run_pass_filter("rl_pref", world["tasks"], world["init"], tmp_path / "kept", dict(FILTER),
+                                reward_fn=coin_reward)
+    judge = tmp_path / "judge"
+    from model import load_pretrained
+    rm.write_judge(judge, load_pretrained(world["init"]), rm.JudgeFormat("full", 512), world["init"])
+    m = rl.run_rl("rl_pref", tmp_path / "kept", world["init"], tmp_path / "o", tmp_path / "r", tmp_path / "l",
+                  {**RL, "steps": 1}, judge_dir=judge)
+    assert m["counts"]["trained"] is True and m["counts"]["tokens_trained"] > 0 and m["judge"] == str(judge)
+    assert 0.0 < m["reward_start"] < 1.0 and m["counts"]["groups_dropped"] == 0
+    assert str(judge / "model.safetensors") in m["inputs"]
+
+
+class RecordingEngine:
+    """A stand-in for model.vllm_engine.VLLMEngine with its contract (generate, sync_weights): it samples with our
+    engine on a private copy of the weights, which only sync_weights updates, as vLLM's would be."""
+
+    def __init__(self, checkpoint):
+        from model import load_pretrained
+        self.model, self.syncs = load_pretrained(checkpoint).eval(), []
+
+    def sync_weights(self, policy):
+        self.model.load_state_dict(policy.state_dict())
+        self.syncs.append(sum(float(t.double().sum()) for t in policy.state_dict().values()))
+
+    def generate(self, requests, params, decode):
+        from model import generate
+        return generate(self.model, requests, params, decode, 16)
+
+
+def test_rollout_engine_vllm_syncs_the_policy_before_every_rollout(world, tmp_path, monkeypatch):
+    """rollout_engine vllm: the rollouts come from the engine, which gets the policy's current weights before each
+    step's rollout; an engine that samples like ours then gives the native run's weights exactly."""
+    engines = []
+
+    def fake_engine(checkpoint, p):
+        if p["rollout_engine"] == "native":
+            return None
+        engines.append(RecordingEngine(checkpoint))
+        return engines[-1]
+    monkeypatch.setattr(rl, "rollout_engine", fake_engine)
+    native = run(world, tmp_path, "native")
+    via_engine = run(world, tmp_path, "engine", rollout_engine="vllm")
+    (engine,) = engines
+    assert len(engine.syncs) == RL["steps"] and len(set(engine.syncs)) == RL["steps"]  # new weights every step
+    assert native["counts"]["samples"] == via_engine["counts"]["samples"]
+    from model import load_pretrained
+    a, b = load_pretrained(tmp_path / "native" / "final"), load_pretrained(tmp_path / "engine" / "final")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -76,7 +76,9 @@ def test_report_without_post_training_checkpoints_lists_what_was_evaluated(tmp_p
     write_eval(art, "base", {"tiny_math": solved(4), "ladder_math": solved(6)}, "plain")
     write_eval(art, "phase_decay", {"tiny_math": solved(3), "ladder_math": solved(5)}, "plain")
     text, live = card(tmp_path, ["base", "phase_decay"])
-    assert "Evaluated: base; not evaluated (no row): teacher, sft_cold, sft_full, distill." in text
+    assert ("Evaluated: base; not evaluated (no row): teacher, sft_cold, sft_full, distill, rl_stem, rl_code, "
+            "rl_pref.") in text
+    assert "No RL stage has run." in text and "rl_metrics.png" not in text
     ladder = section(text, "Held-out task ladder, per level")
     assert "| base | plain | 40 |" in ladder and "teacher" not in ladder and "phase_decay" not in ladder
     # 6 of the 20 L1 problems right in both samples: 30.0% with its bootstrap interval over problems
@@ -101,7 +103,7 @@ def test_report_with_post_training_labels_deltas_inside_and_beyond_the_interval(
     sft = tmp_path / "sft_metrics.json"
     common.write_json(sft, SFT_METRICS)
     text, live = card(tmp_path, ["base", "sft_full", "distill", "teacher"], sft_data=sft)
-    assert "not evaluated (no row): sft_cold." in text
+    assert "not evaluated (no row): sft_cold, rl_stem, rl_code, rl_pref." in text
     bought = section(text, "What each stage bought")
     assert "`sft_full` vs `base`:" in bought and "`distill` vs `sft_full`:" in bought and "sft_cold" not in bought
     tables = bought.split("`distill` vs `sft_full`:")
@@ -124,6 +126,73 @@ def test_report_with_post_training_labels_deltas_inside_and_beyond_the_interval(
     assert live["sft_data"]["item_pass_rate"]["final_answer"] == 0.625 and live["sft_data"]["count"]["kept"] == 6
     assert live["sft_data"]["round_1"]["solved_rate"] == pytest.approx(1 / 3)
     assert "ours from `distill`" in text and "| chat |" in text
+
+
+def write_rl(art, role: str, domain: str, reward: str, kept: int, passes: list[int], trained: bool = True) -> None:
+    """The pass filter's manifest + histogram and the RL run's manifest, in the shapes stages/pass_filter.py and
+    stages/rl.py write."""
+    k, n = len(passes) - 1, sum(passes)
+    hard, easy = passes[0] + (passes[1] if k >= 10 else 0), passes[-1]
+    common.write_json(art / "pass_filter" / role / "manifest.json", {
+        "stage": "pass_filter", "role": role, "domain": domain, "reward": reward, "params": {"k": k},
+        "counts": {"candidates": n, "samples": n * k, "kept": kept, "too_hard": hard, "too_easy": easy,
+                   "mean_pass_rate": sum(j * c for j, c in enumerate(passes)) / (n * k)}})
+    common.write_json(art / "pass_filter" / role / "histogram.json", {
+        "k": k, "low": 0.1, "high": 0.9, "passes": passes,
+        "verdicts": {"kept": kept, "too_hard": hard, "too_easy": easy}, "by_level": {}})
+    run = {"steps": 4, "kept_prompts": kept, "samples": 64, "groups_dropped": 3, "truncated": 5, "trained": trained}
+    common.write_json(art / role / "manifest.json", {
+        "stage": role, "counts": run if trained else {**run, "steps": 0, "samples": 0},
+        "reward_start": 0.25 if trained else None, "reward_end": 0.5 if trained else None,
+        "pass_rate_start": 0.25 if trained else None, "pass_rate_end": 0.5 if trained else None,
+        "wall_time_s": 12.0})
+
+
+def test_report_rl_section_filters_runs_before_after_and_the_judge(tmp_path):
+    art = tmp_path / "artifacts"
+    write_pipeline(art)
+    write_eval(art, "distill", {"ladder_math": solved(4), "ladder_code": solved(2)}, "chat")
+    write_eval(art, "rl_stem", {"ladder_math": solved(24), "ladder_code": solved(2)}, "chat")    # +50 points
+    write_eval(art, "rl_code", {"ladder_math": solved(24), "ladder_code": solved(3)}, "chat")    # +1 problem
+    write_rl(art, "rl_stem", "math", "verifier", 6, [10, 3, 2, 1, 4])
+    write_rl(art, "rl_code", "code", "verifier", 2, [20, 1, 1, 0, 0])
+    write_rl(art, "rl_pref", "math+code", "judge", 0, [8, 0, 0, 0, 0], trained=False)
+    rate = {"value": 0.75, "ci95_low": 0.5, "ci95_high": 0.9}
+    common.write_json(art / "reward_model" / "metrics.json", {
+        "heldout": {"pairs": 8, "accuracy": rate, "pair_accuracy": rate, "consistency": rate},
+        "heldout_before": {"pairs": 8, "accuracy": {"value": 0.5, "ci95_low": 0.2, "ci95_high": 0.8},
+                           "pair_accuracy": {"value": 0.5, "ci95_low": 0.2, "ci95_high": 0.8},
+                           "consistency": {"value": 0.25, "ci95_low": 0.1, "ci95_high": 0.6}},
+        "counts": {"train_pairs": 30, "heldout_pairs": 8, "pairs_rejected": 1, "steps": 12}})
+    live_root = tmp_path / "rl_live"
+    live = common.open_live(live_root / "rl_stem")
+    for step in range(3):
+        live.log_metric("rl/reward_mean", 0.2 * step)
+        live.log_metric("train/clip_fraction", 0.01)
+        live.next_step()
+    live.end()
+    text = report.write_report(art, ["distill", "rl_stem", "rl_code"], tmp_path / "out", tmp_path / "live",
+                               {"scale": "tiny", **CFG}, pretrain_live=tmp_path / "no_live", rl_live_root=live_root)
+    rl = text.split("## Reinforcement learning\n", 1)[1].split("\n## ", 1)[0]
+    assert "| rl_stem | math | verifier | 4 | 20 | 6 | 10 | 4 | 32.5 |" in rl
+    assert "| rl_pref | math+code | judge | 4 | 8 | 0 | 8 | 0 | 0.0 |" in rl
+    assert "| rl_stem | 4 | 6 | 64 | 3 | 5 | 0.250 -> 0.500 | 25.0 -> 50.0 | 12 |" in rl
+    assert "Not trained (no prompt kept, min_prompts 0: the init checkpoint passed through): rl_pref." in rl
+    before_after = section(text, "Held-out accuracy before and after each RL stage")
+    lines = [line for line in before_after.splitlines() if line.startswith("| distill -> rl_stem")]
+    assert len(lines) == 1 and "| ladder_math |" in lines[0] and "+50.0 [" in lines[0] and "beyond" in lines[0]
+    code = [line for line in before_after.splitlines() if line.startswith("| rl_stem -> rl_code")]
+    assert len(code) == 1 and "| ladder_code |" in code[0] and "inside the interval" in code[0]
+    judge = section(text, "Reward model (pairwise judge)")
+    assert "30 train / 8 held-out pairs" in judge
+    assert "| pair_accuracy | 50.0 [20.0, 80.0] | 75.0 [50.0, 90.0] |" in judge
+    for png in ("rl_pass_filter.png", "rl_metrics.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 10_000 and f"]({png})" in rl
+    metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert metrics["rl_delta"]["rl_stem"]["ladder_math"]["delta"] == pytest.approx(0.5)
+    assert metrics["pass_filter"]["rl_stem"]["kept"] == 6
+    assert metrics["reward_model"]["heldout"]["pair_accuracy"] == 0.75
+    assert "reward_start" not in metrics.get("rl_pref", {})
 
 
 def test_sft_data_section_reads_defensively(tmp_path):

@@ -19,7 +19,8 @@ from stages.chat import encode_chat, load_chat_tokenizer
 from stages.training import optimizer_step
 
 CPU = torch.device("cpu")
-RM = {"seed": 0, "scale": "tiny", "heldout_fraction": 0.25, "response_view": "full", "max_len": 512, "epochs": 6,
+RM = {"seed": 0, "scale": "tiny", "min_pairs": 1, "heldout_fraction": 0.25, "response_view": "full", "max_len": 512,
+      "epochs": 6,
       "max_steps": 30, "pairs_per_step": 8, "micro_batch_pairs": 4, "optimizer": "adamw", "lr_peak": 3e-3,
       "lr_final": 1e-4, "warmup_steps": 2, "lr_shape": "cosine", "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
       "weight_decay": 0.0, "grad_clip": 1.0, "checkpoint_every": 100, "log_every": 1, "progress_every_steps": 10,
@@ -315,3 +316,18 @@ def test_split_keeps_each_prompt_on_one_side():
     assert not {q.prompt_id for q in train} & {q.prompt_id for q in held}
     assert 0.14 < len({q.prompt_id for q in held}) / 400 < 0.26
     assert rm.split_pairs(list(reversed(pairs)), 0.2)[1] == list(reversed(held))
+
+
+def test_min_pairs_zero_writes_the_untrained_judge_and_one_refuses(init, tmp_path):
+    """No held-out side: min_pairs 1 is an error naming the counts; min_pairs 0 writes the init model as the judge
+    (loadable, counts.trained false, no held-out figure)."""
+    pairs = write_pairs(tmp_path / "pairs.parquet", separable_rows(1))
+    with pytest.raises(common.StageError, match="both sides need pairs"):
+        rm.run_reward_model([pairs], init, tmp_path / "a", tmp_path / "ra", tmp_path / "la", copy.deepcopy(RM))
+    m = rm.run_reward_model([pairs], init, tmp_path / "b", tmp_path / "rb", tmp_path / "lb", {**RM, "min_pairs": 0})
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["counts"]["trained"] is False and m["counts"]["steps"] == 0 and metrics["heldout"] is None
+    a, b = load_pretrained(init), load_pretrained(tmp_path / "b" / "judge")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert rm.PairwiseJudge.load(tmp_path / "b" / "judge", device="cpu").fmt.max_len == RM["max_len"]
+    assert (tmp_path / "lb" / "plots").is_dir()  # dvc.yaml declares dvclive/<stage>/plots: it must exist

@@ -125,6 +125,19 @@ def results_table(study: str, spec: dict, found: dict[str, dict], command: str) 
             "seeds": spec.get("seeds")}
 
 
+def merge_studies(previous: list[dict], new: list[dict], order: list[str]) -> dict:
+    """results.json from the study tables: the ones run now replace their earlier tables, the other studies'
+    earlier tables are kept (`--study X` must not erase another study's results), in params.yaml's order; a study
+    no longer in params.yaml is dropped."""
+    by_study = {t["study"]: t for t in previous if t.get("study") in order}
+    by_study.update({t["study"]: t for t in new})
+    tables = [by_study[name] for name in order if name in by_study]
+    return {"columns": sorted({c for t in tables for c in t["columns"]}),
+            "rows": [{**r, "variant": f"{t['study']}: {r['variant']}"} for t in tables for r in t["rows"]],
+            "command": "python -m tools.ablate" if len(tables) != 1 else tables[0]["command"],
+            "studies": tables}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", default=None, help="one study from params.yaml `ablations:` (default: all)")
@@ -145,10 +158,8 @@ def main() -> None:
         command = f"python -m tools.ablate --study {study}"
         tables.append(results_table(study, spec, collect([name for name, *_ in planned]), command))
     out = REPO / "ablation" / scale
-    merged = {"columns": sorted({c for t in tables for c in t["columns"]}, key=lambda c: c),
-              "rows": [{**r, "variant": f"{t['study']}: {r['variant']}"} for t in tables for r in t["rows"]],
-              "command": "python -m tools.ablate" if len(tables) != 1 else tables[0]["command"],
-              "studies": tables}
+    previous = common.read_manifest(out / "results.json") or {}
+    merged = merge_studies(previous.get("studies", []), tables, list(params.get("ablations", {})))
     common.write_json(out / "results.json", merged)
     for t in tables:
         print(f"\n{t['study']}:")
