@@ -229,7 +229,8 @@ def test_after_dvc_snakemake_has_nothing_to_do(snakemake_run):
     """`dvc repro` reruns evaluate and report for a changed evaluate param, then `dvc exp run` the report for a
     changed report param; DVC's last stage `all` records each run in Snakemake's metadata, so Snakemake plans
     nothing (neither params nor mtimes differ)."""
-    sliced = common.stage_params(yaml.safe_load((snakemake_run / "params.yaml").read_text()), "evaluate")
+    params = yaml.safe_load((snakemake_run / "params.yaml").read_text())
+    sliced = common.stage_params(params, "evaluate")
     set_param(snakemake_run, "evaluate.sympy_timeout_s", sliced["sympy_timeout_s"] + 1.0)
     assert set(planned_jobs(snakemake_run)) == {"evaluate", "report", "all"}
     assert ran_stages(sh(["dvc", "repro"], snakemake_run).stdout) == {"evaluate", "report", "all"}
@@ -238,8 +239,7 @@ def test_after_dvc_snakemake_has_nothing_to_do(snakemake_run):
     # the same through `dvc exp run` in the workspace, with a value not run before (else DVC's run cache restores
     # it); a report param this time: the 14 evaluate jobs were covered above, and the report alone is cheap
     sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm lock", snakemake_run)
-    resamples = common.stage_params(yaml.safe_load((snakemake_run / "params.yaml").read_text()),
-                                    "report")["bootstrap_resamples"]
+    resamples = common.stage_params(params, "report")["bootstrap_resamples"]
     out = sh(["dvc", "exp", "run", "-S", f"report.bootstrap_resamples={resamples + 1}"], snakemake_run).stdout
     assert ran_stages(out) == {"report", "all"}, out
     assert planned_jobs(snakemake_run) == {}, reasons(snakemake_run)
@@ -257,8 +257,7 @@ EDITS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("path, rule, jobs", EDITS, ids=[e[0] for e in EDITS])
 def test_an_edit_reruns_the_same_stages_under_both_runners(snakemake_run, path, rule, jobs):
-    # (no up-front check that both runners are clean: the test before this one ends by asserting it, and a dirty
-    # start would show as extra planned jobs below)
+    assert planned_jobs(snakemake_run) == {} and dvc_changed(snakemake_run) == set()
     downstream = set(planned_jobs(snakemake_run, "--forcerun", rule))  # the rule and everything after it
     target = snakemake_run / path
     original = target.read_bytes()
