@@ -9,9 +9,12 @@ CORES ?= 2
 SCALE ?= $(shell grep -E '^scale:' params.yaml | awk '{print $$2}')
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv dvc-yaml lint bench bench-gpu clean
+.PHONY: demo test venv venv-dev dvc-yaml lint bench bench-gpu clean
 
+# Two stamps: the pipeline's dependencies (all `make demo` needs) and the dev extras on top (`make test`, `make bench`:
+# lm-eval, triton, megatron-core, trl, tiktoken are about half of a fresh install's time and none runs in the DAG).
 venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
 
 # torch first, from the local CPU wheel (a plain resolve would pull a multi-GB CUDA build).
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -21,6 +24,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
@@ -30,7 +37,7 @@ demo: venv
 	echo "" && echo "Pipeline finished in $$(( $$(date +%s) - start )) s at scale '$(SCALE)'." && \
 	$(BIN)/python -m tools.where --scale $(SCALE)
 
-test: venv
+test: venv-dev
 	$(BIN)/python -m pytest -q
 
 dvc-yaml: venv
@@ -39,7 +46,7 @@ dvc-yaml: venv
 lint: venv
 	snakemake --lint
 
-bench: venv
+bench: venv-dev
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_dedup.py
 	$(BIN)/python bench/bench_train.py
@@ -50,7 +57,7 @@ bench: venv
 # On a GPU node with requirements-gpu.txt installed: fused kernels vs eager / torch.compile / liger, and the
 # 3b-layer training smoke test of the Megatron and FSDP2 backends (tokens/s, MFU), and RL rollouts on our engine vs
 # vLLM with one weight sync.
-bench-gpu: venv
+bench-gpu: venv-dev
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/gpu_smoke_scaleout.py
 	$(BIN)/python bench/gpu_smoke_rl.py

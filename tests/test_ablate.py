@@ -71,3 +71,22 @@ def test_one_study_rerun_keeps_the_other_studies_tables():
     assert merged["columns"] == ["distill_metric", "schedule_metric"] and merged["command"] == "python -m tools.ablate"
     only = merge_studies([], [table("distill", 3.0)], ["schedule", "distill"])
     assert only["command"] == "python -m tools.ablate --study distill" and len(only["studies"]) == 1
+
+
+def test_a_stage_that_depends_on_the_directory_records_the_workspace_hash_it_started_from(tmp_path):
+    """pretrain depends on artifacts/<scale>/tokenize, not on its manifest.json: the run's DVC deps have no entry
+    for the provenance file, so the hash of the workspace copy the runs started from is recorded (never None, which
+    the card would call stale), and a run's own DVC hash still wins where it has one."""
+    from tools.ablate import workspace_hashes
+    import hashlib
+    (tmp_path / "plan.json").write_text('{"phases": []}')
+    started = workspace_hashes(["plan.json", "missing.json"], root=tmp_path)
+    assert started == {"plan.json": hashlib.md5(b'{"phases": []}').hexdigest(), "missing.json": None}
+    no_dep = {name: {**run, "deps": {}} for name, run in _found("x").items()}
+    table = results_table("schedule", SPEC, no_dep, "cmd", started)
+    assert {r["inputs"]["plan.json"] for r in table["runs"]} == {started["plan.json"]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"studies": [table]}))
+    assert "current" in ablation_section(path, repo=tmp_path)
+    own = results_table("schedule", SPEC, _found("0" * 32), "cmd", started)
+    assert {r["inputs"]["plan.json"] for r in own["runs"]} == {"0" * 32}

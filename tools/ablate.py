@@ -96,8 +96,19 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def results_table(study: str, spec: dict, found: dict[str, dict], command: str) -> dict:
-    """One row per variant: mean, sd and the per-seed values of every metric; plus each run's provenance."""
+def workspace_hashes(paths: list[str], root=REPO) -> dict[str, str | None]:
+    """md5 of each provenance file in the workspace the runs start from (DVC 3's hash of a file), None if absent.
+    A run's own DVC dep hash is preferred when the target stage lists the file itself; a stage that depends on the
+    file's directory (pretrain on artifacts/<scale>/tokenize) checks out this workspace's copy."""
+    from stages.report import _md5
+    return {p: (_md5(root / p) if (root / p).is_file() else None) for p in paths}
+
+
+def results_table(study: str, spec: dict, found: dict[str, dict], command: str,
+                  started_from: dict[str, str | None] | None = None) -> dict:
+    """One row per variant: mean, sd and the per-seed values of every metric; plus each run's provenance
+    (the run's DVC hash of each provenance file, else the hash of the workspace it started from)."""
+    started_from = started_from or {}
     columns = [m["label"] for m in spec["metrics"]]
     rows, run_rows = [], []
     for variant in spec["variants"]:
@@ -113,7 +124,7 @@ def results_table(study: str, spec: dict, found: dict[str, dict], command: str) 
                 if value is not None:
                     per_metric[m["label"]].append(float(value))
             run_rows.append({"name": name, "variant": variant, "seed": seed, "rev": got["rev"],
-                             "inputs": {p: got["deps"].get(p) for p in spec.get("provenance", [])}})
+                             "inputs": {p: got["deps"].get(p) or started_from.get(p) for p in spec.get("provenance", [])}})
         row = {"variant": variant}
         for label, values in per_metric.items():
             mean, sd = mean_sd(values)
@@ -152,11 +163,12 @@ def main() -> None:
     for study, spec in studies.items():
         spec = {**spec, "provenance": [p.format(scale=scale) for p in spec.get("provenance", [])]}
         planned = runs(study, spec)
+        started_from = workspace_hashes(spec["provenance"])
         if not args.collect_only:
             for name, _, _, overrides in planned:
                 run_variant(name, overrides, spec["target"])
         command = f"python -m tools.ablate --study {study}"
-        tables.append(results_table(study, spec, collect([name for name, *_ in planned]), command))
+        tables.append(results_table(study, spec, collect([name for name, *_ in planned]), command, started_from))
     out = REPO / "ablation" / scale
     previous = common.read_manifest(out / "results.json") or {}
     merged = merge_studies(previous.get("studies", []), tables, list(params.get("ablations", {})))
