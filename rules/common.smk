@@ -47,3 +47,14 @@ def cli(*fixed, **flags):
         paths = {flag.replace("_", "-"): ref(input, output) for flag, ref in flags.items()}
         return " ".join([*fixed, *(f"--{flag} {path}" for flag, path in paths.items() if path is not None)])
     return render
+
+
+def job_threads(stage, resources):
+    """Cores a job of `stage` holds. On a CPU-only scale (resources gpu 0) that is what the stage runs at once: its
+    torch threads (params cpu_threads) or its sandbox workers, whichever is more, at most cpus_per_task; so a 2-core
+    machine runs a 1-thread generation stage beside a 1-thread evaluation instead of leaving a core idle. With GPUs,
+    cpus_per_task (data loading, verifiers) as the resources say."""
+    p = stage_params(config, stage)
+    if resources.get("gpu", 0) or not p.get("cpu_threads"):
+        return resources["cpus_per_task"]
+    return max(1, min(resources["cpus_per_task"], max(int(p["cpu_threads"]), int(p.get("sandbox_workers") or 0))))

@@ -20,7 +20,7 @@ rule distill_targets:
         f"{LOGS}/distill_targets.log",
     benchmark:
         f"{BENCH}/distill_targets/distill_targets.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("distill_targets", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:
@@ -46,7 +46,7 @@ rule distill:
         f"{LOGS}/distill.log",
     benchmark:
         f"{BENCH}/distill/distill.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("distill", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:

@@ -41,7 +41,7 @@ rule pass_filter_stem:
         f"{LOGS}/pass_filter/rl_stem.log",
     benchmark:
         f"{BENCH}/pass_filter/rl_stem.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("pass_filter", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -63,7 +63,7 @@ rule rl_stem:
         f"{LOGS}/rl_stem.log",
     benchmark:
         f"{BENCH}/rl_stem/rl_stem.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("rl_stem", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -84,7 +84,7 @@ rule pass_filter_code:
         f"{LOGS}/pass_filter/rl_code.log",
     benchmark:
         f"{BENCH}/pass_filter/rl_code.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("pass_filter", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -106,7 +106,7 @@ rule rl_code:
         f"{LOGS}/rl_code.log",
     benchmark:
         f"{BENCH}/rl_code/rl_code.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("rl_code", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -135,7 +135,7 @@ rule reward_model:
         f"{LOGS}/reward_model.log",
     benchmark:
         f"{BENCH}/reward_model/reward_model.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("reward_model", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -157,7 +157,7 @@ rule pass_filter_pref:
         f"{LOGS}/pass_filter/rl_pref.log",
     benchmark:
         f"{BENCH}/pass_filter/rl_pref.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("pass_filter", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:
@@ -180,7 +180,7 @@ rule rl_pref:
         f"{LOGS}/rl_pref.log",
     benchmark:
         f"{BENCH}/rl_pref/rl_pref.tsv",
-    threads: RL_RESOURCES["cpus_per_task"]
+    threads: job_threads("rl_pref", RL_RESOURCES)
     resources:
         **RL_RESOURCES,
     shell:

@@ -62,7 +62,7 @@ rule teacher:
         f"{LOGS}/teacher.log",
     benchmark:
         f"{BENCH}/teacher/teacher.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("teacher", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:
@@ -91,7 +91,7 @@ rule sft_data:
         f"{LOGS}/sft_data.log",
     benchmark:
         f"{BENCH}/sft_data/sft_data.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("sft_data", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:
@@ -114,7 +114,7 @@ rule sft_cold:
         f"{LOGS}/sft_cold.log",
     benchmark:
         f"{BENCH}/sft_cold/sft_cold.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("sft_cold", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:
@@ -139,7 +139,7 @@ rule sft_full:
         f"{LOGS}/sft_full.log",
     benchmark:
         f"{BENCH}/sft_full/sft_full.tsv",
-    threads: SFT_RESOURCES["cpus_per_task"]
+    threads: job_threads("sft_full", SFT_RESOURCES)
     resources:
         **SFT_RESOURCES,
     shell:

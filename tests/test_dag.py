@@ -337,3 +337,34 @@ def test_the_3b_pretrain_rule_launches_torchrun_over_its_gpus(tmp_path):
     assert "torchrun --standalone --nproc-per-node=8 -m stages.pretrain --params-json" in big, big[-3000:]
     tiny = sh(["snakemake", "-n", "-p", "artifacts/tiny/pretrain/manifest.json"], work).stdout
     assert "python -m stages.pretrain --params-json" in tiny and "torchrun" not in tiny
+
+
+def job_threads_planned(out: str) -> dict[str, int]:
+    """Rule -> cores its planned jobs hold, from `snakemake -n` (a job prints `threads:` only above 1)."""
+    threads, rule = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+            threads.setdefault(rule, 1)
+        m = re.match(r"^\s+threads: (\d+)", line)
+        if m and rule:
+            threads[rule] = int(m.group(1))
+    return threads
+
+
+def test_a_cpu_job_holds_the_cores_its_stage_runs_on(tmp_path):
+    """At tiny (no GPU) a job holds what its stage runs at once (torch cpu_threads, or sandbox workers if more),
+    never an idle core: the 1-thread generation stages run beside an evaluation on 2 cores."""
+    work = copy_repo(tmp_path)
+    threads = job_threads_planned(sh(["snakemake", "-n", "-c2"], work).stdout)
+    params = common.load_params(work / "params.yaml")
+    for rule, stage in {"sft_data": "sft_data", "distill_targets": "distill_targets", "distill": "distill",
+                        "pass_filter_stem": "pass_filter", "pass_filter_code": "pass_filter",
+                        "pass_filter_pref": "pass_filter", "rl_stem": "rl_stem", "rl_code": "rl_code",
+                        "rl_pref": "rl_pref", "reward_model": "reward_model", "teacher": "teacher",
+                        "sft_cold": "sft_cold", "sft_full": "sft_full"}.items():
+        p = common.stage_params(params, stage)
+        expect = max(int(p["cpu_threads"]), int(p.get("sandbox_workers") or 0))
+        assert threads[rule] == min(2, expect), (rule, threads[rule], expect)
+    assert threads["sft_data"] == 1 and threads["teacher"] == 2, threads
