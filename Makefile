@@ -37,8 +37,11 @@ demo: venv
 	echo "" && echo "Pipeline finished in $$(( $$(date +%s) - start )) s at scale '$(SCALE)'." && \
 	$(BIN)/python -m tools.where --scale $(SCALE)
 
+# Two workers, one test file each at a time (--dist loadfile keeps a file's module fixtures in one worker): the
+# end-to-end DAG tests (tests/test_dag.py, most of the time, often one busy core) run beside the unit tests.
+TEST_WORKERS ?= 2
 test: venv-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 dvc-yaml: venv
 	$(BIN)/python -m tools.gen_dvc
