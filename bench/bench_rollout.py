@@ -17,7 +17,7 @@ What differs between the sides (same model, prompts, sampler and host traffic ot
   a document of its own, so no real token reads it and RoPE positions start at each row's first real token: a row
   computes what it would alone), the LM head on the last column only (last_only=True): per step, attention over
   (prompt + t)^2 pairs and the MLP over prompt + t tokens per row instead of prompt + t pairs and one token.
-- the same on both: model.generate.sample_step (greedy: argmax and the raw log-prob), one host transfer of
+- the same on both: model.generation.sample_step (greedy: argmax and the raw log-prob), one host transfer of
   (token, log-prob, sampling log-prob) per step.
 Greedy agreement (rows whose tokens are identical on both sides) is printed as a sanity check: both sides compute
 the same logits up to float rounding of differently shaped matmuls, so only a near-tie may differ.
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from bench_generate import PROMPT_LENGTHS, make_prompts  # noqa: E402  (bench/ is the script's own directory)
 from model import ModelConfig, NanbeigeForCausalLM, Request, SamplingParams, generate  # noqa: E402
-from model.generate import sample_step  # noqa: E402
+from model.generation import sample_step  # noqa: E402
 from stages.common import load_params, stage_params  # noqa: E402
 
 

@@ -301,7 +301,7 @@ class NanbeigeForCausalLM(nn.Module):
         """Continue a batch of same-length prompts [B, T] through the generation engine (model.generate); returns
         [B, T + n], n the most tokens any row generated. Row b samples with seed seeds[b] (default b); a row that
         emitted eos_token_id is filled with it up to n. Ragged prompts, stop strings and log-probs: model.generate."""
-        from model.generate import Request, SamplingParams, generate
+        from model.generation import Request, SamplingParams, generate
         b, t = input_ids.shape
         seeds = list(range(b)) if seeds is None else seeds
         params = SamplingParams(max_new_tokens, temperature, top_p,

@@ -54,7 +54,7 @@ import torch
 
 from model.checkpoint import CONFIG
 from model.config import ModelConfig
-from model.generate import Completion, Request, SamplingParams, _text
+from model.generation import Completion, Request, SamplingParams, _text
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 # vLLM clamps 0 < T < 0.01 up to 0.01 and refuses T > 2 (vllm/sampling_params.py): outside that, it would not

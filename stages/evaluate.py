@@ -53,8 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import model as engine
 from model.config import ModelError
 from stages import common, eval_stats
@@ -64,7 +62,7 @@ from stages.verifiers import (SandboxLimits, VerifierResult, humaneval_program, 
 
 STAGE = "evaluate"
 DEFAULT_DATA_ROOT = common.REPO / "data" / "eval"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names: torch loads on first use (the Snakefile reads us)
 
 
 # ============================================================================ metrics
@@ -336,14 +334,15 @@ def _load_judge(cfg: dict, data_root: Path) -> list[dict]:
     return problems
 
 
-@torch.inference_mode()
 def judge_preference(model, tok, question: str, answer_a: str, answer_b: str, cfg: dict) -> float:
     """P(A better) = softmax([logit_A, logit_B])_0 at the judge's first reply token (the prompt keeps its last
     max_position_embeddings tokens)."""
+    import torch
     ids = render_prompt(tok, judge_messages(question, answer_a, answer_b), None, cfg)
     ids = ids[-model.config.max_position_embeddings:]
     letters = [_single_token(tok, "A"), _single_token(tok, "B")]
-    logits = model(torch.tensor([ids], device=_device(cfg)))[0, -1].float()
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=_device(cfg)))[0, -1].float()
     return torch.softmax(logits[letters], dim=-1)[0].item()
 
 
@@ -434,18 +433,23 @@ PLUGINS["ladder"] = Plugin(
 # ============================================================================ generation
 
 def _device(cfg: dict) -> torch.device:
+    import torch
     return torch.device(cfg.get("device", "cpu"))
 
 
 def load_checkpoint(ckpt_dir: str | Path, cfg: dict):
     """(model in eval mode on cfg's device and dtype, its tokenizer) from a checkpoint directory."""
+    import torch
     from transformers import PreTrainedTokenizerFast
 
     from model.checkpoint import load_pretrained
     ckpt_dir = Path(ckpt_dir)
+    dtype = cfg.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise common.StageError(f"evaluate: dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     if not (ckpt_dir / "tokenizer.json").is_file():
         raise common.StageError(f"{ckpt_dir}: no tokenizer.json next to the weights")
-    model = load_pretrained(ckpt_dir, device=_device(cfg), dtype=_DTYPES[cfg.get("dtype", "float32")]).eval()
+    model = load_pretrained(ckpt_dir, device=_device(cfg), dtype=getattr(torch, dtype)).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(str(ckpt_dir))
     if tok.vocab_size > model.config.vocab_size:
         raise common.StageError(f"{ckpt_dir}: tokenizer has {tok.vocab_size} tokens, "
@@ -617,6 +621,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, benchmarks: list[str], params: dic
     roots = {"eval": Path(data_root), "tasks": None if tasks_dir is None else Path(tasks_dir)}
     configs = {name: benchmark_config(params, name) for name in benchmarks}
     print(f"evaluate {ckpt_dir}: prompt_format={params['prompt_format']}", file=sys.stderr)
+    import torch
     threads = torch.get_num_threads()
     # A fixed thread count fixes the float reduction order, so samples do not depend on the host's core count.
     torch.set_num_threads(int(params["cpu_threads"]))

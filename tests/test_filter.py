@@ -348,3 +348,24 @@ def test_cli_one_shard(tmp_path):
     assert manifest["counts"]["kept"] == 1 and manifest["counts"]["rejected"]["word_count"] == 1
     assert "language" not in manifest["counts"]["rejected"]
     assert not (tmp_path / "out" / "s1.manifest.json").exists()
+
+
+def test_cached_langid_arrays_equal_the_derived_ones(tmp_path, monkeypatch):
+    """The per-process model load reads a cache of the derived arrays: the first load writes it, the second reads it
+    back identical, and a corrupt file is derived again and replaced (tests/test_filter.py's parity holds either way)."""
+    monkeypatch.setenv("NANBEIGE_CACHE", str(tmp_path))
+    derived = L._derive_arrays()
+    assert not L.cache_path().exists()
+    first = L.model_arrays()
+    assert L.cache_path().is_file() and L.cache_path().parent == tmp_path
+    second = L.model_arrays()
+    for key, want in derived.items():
+        np.testing.assert_array_equal(first[key], want)
+        np.testing.assert_array_equal(second[key], want)
+        assert second[key].dtype == want.dtype, key
+    L.cache_path().write_bytes(b"not an npz")
+    np.testing.assert_array_equal(L.model_arrays()["feature_value"], derived["feature_value"])
+    with np.load(L.cache_path()) as data:  # replaced by a good file
+        np.testing.assert_array_equal(data["log_p_c"], derived["log_p_c"])
+    texts = [CLEAN_PROSE, FRENCH, CHINESE]
+    assert L.LangidModel(second).classify(texts) == L.LangidModel(derived).classify(texts)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, NanbeigeForCausalLM, Request, SamplingParams, generate
-from model.generate import nucleus_threshold
+from model.generation import nucleus_threshold
 
 CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=128, rope_theta=10000.0)

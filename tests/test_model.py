@@ -346,7 +346,29 @@ def test_model_package_imports_nothing_from_stages():
     stages, and the model can be used on its own)."""
     import subprocess
     import sys
-    code = ("import sys, model, model.megatron, model.generate; "
+    code = ("import sys, model, model.megatron, model.generation; "
             "bad = sorted(m for m in sys.modules if m == 'stages' or m.startswith('stages.')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_what_the_snakefile_imports_does_not_import_torch():
+    """The Snakefile reads stages.evaluate (a checkpoint's eval inputs) and stages.training.launch (a rule's launch
+    line) on every `snakemake` call; the packages' exports load on first use (model/lazy.py), so torch, ~3 s of DAG
+    parsing per call, stays unloaded. The exports still resolve, and an export named like a module of its package
+    would be shadowed by that module, so model/lazy.py refuses one."""
+    import subprocess
+    import sys
+    code = ("import sys, model, stages.evaluate, stages.training.launch, stages.training; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "import model.generation; from model import generate, Request; "
+            "assert callable(generate) and generate is model.generation.generate; "
+            "from stages.training import Trainer; assert Trainer.__module__ == 'stages.training.loop'; "
+            "assert 'NanbeigeForCausalLM' in dir(model)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    from model.lazy import lazy_exports
+    with pytest.raises(ImportError, match="share a submodule"):
+        lazy_exports("model", {"generation": ["generation"]}, {})
+    getattr_, _ = lazy_exports("model", {"config": ["ModelConfig"]}, {})
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        getattr_("nope")

@@ -6,6 +6,9 @@ probability >= 0.65 (with fastText's lid.176; langid stands in offline).
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +48,56 @@ def langid_identifier():
     return langid.LanguageIdentifier.from_modelstring(langid.model, norm_probs=True)
 
 
+def _derive_arrays() -> dict[str, np.ndarray]:
+    """The model as arrays: langid's log P(t|c), log P(c), classes, and each feature's byte length and value (read off
+    the Aho-Corasick automaton's states). ~2.3 s, most of it langid unpacking its model string."""
+    ident = langid_identifier()
+    n_features = ident.nb_numfeats
+    depth, value = _automaton_strings(np.asarray(ident.tk_nextmove, np.int64).reshape(-1, 256))
+    feature_len = np.full(n_features, LangidModel.MAX_FEATURE_BYTES + 1, np.int64)
+    feature_value = np.zeros(n_features, np.int64)
+    for state, features in ident.tk_output.items():
+        for f in features:
+            # A state outputs every feature that is a suffix of its string; the feature's own state is the shortest.
+            if depth[state] < feature_len[f]:
+                feature_len[f], feature_value[f] = depth[state], value[state]
+    return {"log_p_t_given_c": np.asarray(ident.nb_ptc), "log_p_c": np.asarray(ident.nb_pc),
+            "classes": np.asarray([str(c) for c in ident.nb_classes]), "feature_len": feature_len,
+            "feature_value": feature_value}
+
+
+def cache_path() -> Path:
+    """Where the derived arrays are kept, keyed by the model string's hash (a langid upgrade misses the cache):
+    $NANBEIGE_CACHE, else ~/.cache/nanbeige. Every filter shard is its own process, and unpacking langid's model cost
+    each one ~2.3 s of a ~4.4 s tiny shard."""
+    import hashlib
+
+    from langid import langid
+    root = Path(os.environ.get("NANBEIGE_CACHE") or Path.home() / ".cache" / "nanbeige")
+    return root / f"langid-{hashlib.sha256(langid.model).hexdigest()[:16]}.npz"
+
+
+def model_arrays() -> dict[str, np.ndarray]:
+    """_derive_arrays(), read from cache_path() when it is there (an unreadable file is derived again and replaced);
+    written atomically, and skipped when the cache directory is not writable."""
+    path = cache_path()
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in ("log_p_t_given_c", "log_p_c", "classes", "feature_len", "feature_value")}
+    except (OSError, KeyError, ValueError):
+        pass
+    arrays = _derive_arrays()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz",
+                                         delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+    return arrays
+
+
 class LangidModel:
     """langid.py's naive Bayes language identifier with its feature extraction vectorized.
 
@@ -56,20 +109,13 @@ class LangidModel:
 
     MAX_FEATURE_BYTES = 4
 
-    def __init__(self):
-        ident = langid_identifier()
-        self.log_p_t_given_c = ident.nb_ptc
-        self.log_p_c = ident.nb_pc
-        self.classes = [str(c) for c in ident.nb_classes]
-        self.n_features = ident.nb_numfeats
-        depth, value = _automaton_strings(np.asarray(ident.tk_nextmove, np.int64).reshape(-1, 256))
-        feature_len = np.full(self.n_features, self.MAX_FEATURE_BYTES + 1, np.int64)
-        feature_value = np.zeros(self.n_features, np.int64)
-        for state, features in ident.tk_output.items():
-            for f in features:
-                # A state outputs every feature that is a suffix of its string; the feature's own state is the shortest.
-                if depth[state] < feature_len[f]:
-                    feature_len[f], feature_value[f] = depth[state], value[state]
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None):
+        arrays = model_arrays() if arrays is None else arrays
+        self.log_p_t_given_c = arrays["log_p_t_given_c"]
+        self.log_p_c = arrays["log_p_c"]
+        self.classes = [str(c) for c in arrays["classes"]]
+        feature_len, feature_value = arrays["feature_len"], arrays["feature_value"]
+        self.n_features = len(feature_len)
         if (feature_len > self.MAX_FEATURE_BYTES).any() or self.n_features > np.iinfo(np.int16).max:
             raise common.StageError(f"langid model: only up to {np.iinfo(np.int16).max} features of at most "
                                     f"{self.MAX_FEATURE_BYTES} bytes are supported")

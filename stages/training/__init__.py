@@ -57,14 +57,24 @@ torchrun; every rank runs the same loop and batch source, trains its rows of eac
 normalizer all-reduced once per step, and rank 0 writes states (full tensors by name: any world size resumes them)
 and dvclive rows (pass live=None elsewhere). Tests: tests/test_fsdp.py, tests/test_megatron_backend.py.
 """
-from stages.training.engine import Engine, TorchEngine
-from stages.training.losses import NORMALIZERS, Loss, TokenCrossEntropy
-from stages.training.loop import (BatchSource, LoopConfig, StepOutput, Trainer, autocast, default_device,
-                                  optimizer_step, seed_run)
-from stages.training.optim import OPTIMIZERS, build_optimizer, param_groups
-from stages.training.parallel import World, apply_fsdp, init_world, reduce_sums, shard_rows
-from stages.training.progress import make_progress
-from stages.training.resume import ResumeDir, materialize, run_dir
+from model.lazy import lazy_exports
+
+_EXPORTS = {
+    "engine": ["Engine", "TorchEngine"],
+    "losses": ["NORMALIZERS", "Loss", "TokenCrossEntropy"],
+    "loop": ["BatchSource", "LoopConfig", "StepOutput", "Trainer", "autocast", "default_device", "optimizer_step",
+             "seed_run"],
+    "optim": ["OPTIMIZERS", "build_optimizer", "param_groups"],
+    "parallel": ["World", "apply_fsdp", "init_world", "reduce_sums", "shard_rows"],
+    "progress": ["make_progress"],
+    "resume": ["ResumeDir", "materialize", "run_dir"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())  # loaded on first use: model/lazy.py
+
+
+def _static_imports() -> None:  # never called: the submodules above, stated for stages.common.repo_imports' AST scan
+    from stages.training import engine, losses, loop, optim, parallel, progress, resume  # noqa: F401
+
 
 __all__ = ["NORMALIZERS", "OPTIMIZERS", "BatchSource", "Engine", "Loss", "LoopConfig", "ResumeDir", "StepOutput",
            "TokenCrossEntropy", "TorchEngine", "Trainer", "World", "apply_fsdp", "autocast", "build_optimizer",
