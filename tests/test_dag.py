@@ -217,6 +217,10 @@ def dvc_changed(workdir: Path) -> set[str]:
     return set(json.loads(sh(["dvc", "status", "--json"], workdir).stdout))
 
 
+def ran_stages(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", out))
+
+
 @pytest.mark.slow
 def test_after_snakemake_dvc_has_nothing_to_do(snakemake_run):
     """The Snakefile's onsuccess recorded the run in dvc.lock: no stage is stale and `dvc repro` runs none."""
@@ -277,6 +281,21 @@ def test_an_edit_reruns_the_same_stages_under_both_runners(snakemake_run, path, 
 
 
 @pytest.mark.slow
+def test_dvc_score_param_reruns_score_and_downstream_only(snakemake_run):
+    """`dvc repro` of a changed score param, in the end-to-end workspace (after the edit cases: it leaves score
+    stale for both runners once the param is restored, which only the missing-shard case below tolerates)."""
+    key, value = a_score_param()
+    set_param(snakemake_run, key, value)
+    try:
+        changed = set(json.loads(sh(["dvc", "status", "--with-deps", "funnel", "--json"], snakemake_run).stdout))
+        assert changed == {"score"}, changed  # the only stage whose own params changed
+        ran = ran_stages(sh(["dvc", "repro", "funnel"], snakemake_run).stdout)
+        assert {"score", "select"} <= ran and not ran & UPSTREAM_OF_SCORE, ran
+    finally:
+        sh(["git", "checkout", "params.yaml"], snakemake_run)
+
+
+@pytest.mark.slow
 def test_snakemake_redoes_only_the_missing_shard(snakemake_run):
     """A run killed during `filter` (say by a SLURM time limit) left every shard but one, and nothing after."""
     art = snakemake_run / "artifacts" / "tiny"
@@ -291,34 +310,6 @@ def test_snakemake_redoes_only_the_missing_shard(snakemake_run):
     jobs = planned_jobs(snakemake_run)
     assert jobs.get("filter") == 1 and "ingest" not in jobs, jobs
     assert jobs.get("dedup") == len(shards) and jobs.get("score") == len(shards), jobs
-
-
-@pytest.fixture(scope="module")
-def dvc_run(tmp_path_factory):
-    work = copy_repo(tmp_path_factory.mktemp("dvc"))
-    sh(["dvc", "repro", "funnel"], work)
-    return work
-
-
-def ran_stages(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", out))
-
-
-@pytest.mark.slow
-def test_dvc_repro_unchanged_tree_does_no_work(dvc_run):
-    out = sh(["dvc", "repro", "funnel"], dvc_run).stdout
-    assert ran_stages(out) == set(), out
-    assert "up to date" in sh(["dvc", "status", "--with-deps", "funnel"], dvc_run).stdout
-
-
-@pytest.mark.slow
-def test_dvc_score_param_reruns_score_and_downstream_only(dvc_run):
-    key, value = a_score_param()
-    set_param(dvc_run, key, value)
-    changed = set(json.loads(sh(["dvc", "status", "--with-deps", "funnel", "--json"], dvc_run).stdout))
-    assert changed == {"score"}, changed  # the only stage whose own params changed
-    ran = ran_stages(sh(["dvc", "repro", "funnel"], dvc_run).stdout)
-    assert {"score", "select"} <= ran and not ran & UPSTREAM_OF_SCORE, ran
 
 
 def test_the_3b_pretrain_rule_launches_torchrun_over_its_gpus(tmp_path):
