@@ -263,7 +263,8 @@ EDITS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("path, rule, jobs", EDITS, ids=[e[0] for e in EDITS])
 def test_an_edit_reruns_the_same_stages_under_both_runners(snakemake_run, path, rule, jobs):
-    # (starts from a state with nothing to do under either runner: the tests before this one end by checking that)
+    # Needs a start with nothing to do under either runner (the tests before end by checking it). A dirty start
+    # would also dirty --forcerun's plan, but not the end: the closing check below fails it, never passes it.
     downstream = set(planned_jobs(snakemake_run, "--forcerun", rule))  # the rule and everything after it
     target = snakemake_run / path
     original = target.read_bytes()
