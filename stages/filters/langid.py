@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +87,8 @@ def model_arrays() -> dict[str, np.ndarray]:
         pass
     arrays = _derive_arrays()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz",
-                                         delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
+        with common.atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: np.savez(path) appends ".npz"
+            np.savez(fh, **arrays)
     except OSError:
         pass
     return arrays
