@@ -90,3 +90,60 @@ def test_a_stage_that_depends_on_the_directory_records_the_workspace_hash_it_sta
     assert "current" in ablation_section(path, repo=tmp_path)
     own = results_table("schedule", SPEC, _found("0" * 32), "cmd", started)
     assert {r["inputs"]["plan.json"] for r in own["runs"]} == {"0" * 32}
+
+
+def _dvc_repo(root, counter):
+    """A two-stage DVC repo: `up` (no params; counts its runs in `counter`, outside the repo) -> `down` (param x)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(*cmd):
+        subprocess.run(list(cmd), cwd=root, check=True, capture_output=True)
+
+    py = sys.executable
+    (root / "params.yaml").write_text("x: 1\n")
+    (root / "up.py").write_text(f"open({str(counter)!r}, 'a').write('1')\nopen('up.txt', 'w').write('up')\n")
+    (root / "down.py").write_text("import json, yaml\nx = yaml.safe_load(open('params.yaml'))['x']\n"
+                                  "json.dump({'y': x * 2}, open('m.json', 'w'))\n")
+    (root / "dvc.yaml").write_text(textwrap.dedent(f"""\
+        stages:
+          up:
+            cmd: {py} up.py
+            deps: [up.py]
+            outs: [up.txt]
+          down:
+            cmd: {py} down.py
+            deps: [down.py, up.txt]
+            params: [x]
+            metrics: [{{m.json: {{cache: false}}}}]
+        """))
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "t@t")
+    run("git", "config", "user.name", "t")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("dvc", "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "base")
+
+
+def test_a_variant_reruns_only_what_its_overrides_change_and_replaces_its_earlier_run(tmp_path, monkeypatch):
+    """`dvc exp run --force` would rerun `up` (every upstream stage: filter, dedup, ... for a pretraining variant);
+    a rerun of the study replaces the experiment of the same name instead of failing on it."""
+    import shutil
+    from pathlib import Path
+
+    from tools.ablate import collect, experiment_refs, run_variant
+    monkeypatch.setenv("PATH", f"{Path(__import__('sys').executable).parent}:{__import__('os').environ['PATH']}")
+    assert shutil.which("dvc")
+    repo, counter = tmp_path / "repo", tmp_path / "up_runs"
+    repo.mkdir()
+    _dvc_repo(repo, counter)
+    assert counter.read_text() == "1"
+    run_variant("s-v-seed1", {"x": 3}, "down", root=repo)
+    run_variant("s-v-seed1", {"x": 4}, "down", root=repo)
+    assert counter.read_text() == "1"                       # `up` never reran
+    assert len(experiment_refs("s-v-seed1", repo)) == 1
+    monkeypatch.setattr("tools.ablate.REPO", repo)
+    assert collect(["s-v-seed1"])["s-v-seed1"]["metrics"]["m.json:y"] == 8

@@ -43,12 +43,31 @@ def runs(study: str, spec: dict) -> list[tuple[str, str, int | None, dict]]:
     return out
 
 
-def run_variant(name: str, overrides: dict, target: str) -> None:
-    cmd = ["dvc", "exp", "run", "--temp", "--force", "--name", name, target]
+def variant_command(name: str, overrides: dict, target: str) -> list[str]:
+    """The `dvc exp run` of one variant. No `--force`: in `dvc exp run` it means `dvc repro --force`, which reruns
+    every stage upstream of the target with the run cache off (filter, dedup, score ... for each pretraining
+    variant). Without it, only the stages whose params or deps the overrides change run."""
+    cmd = ["dvc", "exp", "run", "--temp", "--name", name, target]
     for key, value in sorted(overrides.items()):
         cmd += ["-S", f"{key}={value}"]
+    return cmd
+
+
+def experiment_refs(name: str, root=REPO) -> list[str]:
+    """Git refs of every experiment called `name`, on any baseline commit (refs/exps/<sha[:2]>/<sha[2:]>/<name>)."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    return [ref for ref in out.split() if ref.rsplit("/", 1)[-1] == name]
+
+
+def run_variant(name: str, overrides: dict, target: str, root=REPO) -> None:
+    """Run one variant as the experiment `name`, replacing earlier experiments of that name on any commit (a rerun
+    of the study must not fail on its own earlier runs, nor leave two experiments of one name for `collect`)."""
+    if refs := experiment_refs(name, root):
+        subprocess.run(["dvc", "exp", "remove", *refs], cwd=root, check=True)
+    cmd = variant_command(name, overrides, target)
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    subprocess.run(cmd, cwd=root, check=True)
 
 
 def flatten(prefix: str, node) -> dict:
