@@ -102,7 +102,7 @@ def _dvc_repo(root, counter):
         subprocess.run(list(cmd), cwd=root, check=True, capture_output=True)
 
     py = sys.executable
-    (root / "params.yaml").write_text("x: 1\n")
+    (root / "params.yaml").write_text("x: 1\ndown: {k: 1}\n")
     (root / "up.py").write_text(f"open({str(counter)!r}, 'a').write('1')\nopen('up.txt', 'w').write('up')\n")
     (root / "down.py").write_text("import json, yaml\nx = yaml.safe_load(open('params.yaml'))['x']\n"
                                   "json.dump({'y': x * 2}, open('m.json', 'w'))\n")
@@ -115,7 +115,7 @@ def _dvc_repo(root, counter):
           down:
             cmd: {py} down.py
             deps: [down.py, up.txt]
-            params: [x]
+            params: [x, down]
             metrics: [{{m.json: {{cache: false}}}}]
         """))
     run("git", "init", "-q")
@@ -130,7 +130,8 @@ def _dvc_repo(root, counter):
 
 def test_a_variant_reruns_only_what_its_overrides_change_and_replaces_its_earlier_run(tmp_path, monkeypatch):
     """`dvc exp run --force` would rerun `up` (every upstream stage: filter, dedup, ... for a pretraining variant);
-    a rerun of the study replaces the experiment of the same name instead of failing on it."""
+    a rerun of the study replaces the experiment of the same name instead of failing on it; a stage-level seed
+    that params.yaml does not set is added (`+key=value`), where a plain override fails."""
     import shutil
     from pathlib import Path
 
@@ -142,8 +143,10 @@ def test_a_variant_reruns_only_what_its_overrides_change_and_replaces_its_earlie
     _dvc_repo(repo, counter)
     assert counter.read_text() == "1"
     run_variant("s-v-seed1", {"x": 3}, "down", root=repo)
-    run_variant("s-v-seed1", {"x": 4}, "down", root=repo)
+    run_variant("s-v-seed1", {"x": 4, "down.seed": 5}, "down", root=repo)   # a key params.yaml lacks is added
     assert counter.read_text() == "1"                       # `up` never reran
     assert len(experiment_refs("s-v-seed1", repo)) == 1
     monkeypatch.setattr("tools.ablate.REPO", repo)
     assert collect(["s-v-seed1"])["s-v-seed1"]["metrics"]["m.json:y"] == 8
+    from tools.ablate import variant_command
+    assert variant_command("n", {"a.b": 1, "x": 2}, "t", {"x": 1})[-4:] == ["-S", "+a.b=1", "-S", "x=2"]

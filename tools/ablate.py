@@ -23,6 +23,8 @@ import math
 import subprocess
 import sys
 
+import yaml
+
 from stages import common
 
 REPO = common.REPO
@@ -43,13 +45,24 @@ def runs(study: str, spec: dict) -> list[tuple[str, str, int | None, dict]]:
     return out
 
 
-def variant_command(name: str, overrides: dict, target: str) -> list[str]:
-    """The `dvc exp run` of one variant. No `--force`: in `dvc exp run` it means `dvc repro --force`, which reruns
-    every stage upstream of the target with the run cache off (filter, dedup, score ... for each pretraining
-    variant). Without it, only the stages whose params or deps the overrides change run."""
+def _has_key(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def variant_command(name: str, overrides: dict, target: str, params: dict) -> list[str]:
+    """The `dvc exp run` of one variant. A key params.yaml has is overridden (`-S key=value`); one it lacks, such as a
+    stage-level seed (`pretrain.seed`: stages.common.stage_params), is added (`-S +key=value`: DVC's Hydra
+    grammar refuses a plain override of an absent key). No `--force`: in `dvc exp run` it means `dvc repro --force`,
+    which reruns every stage upstream of the target with the run cache off (filter, dedup, score ... for each
+    pretraining variant). Without it, only the stages whose params or deps the overrides change run."""
     cmd = ["dvc", "exp", "run", "--temp", "--name", name, target]
     for key, value in sorted(overrides.items()):
-        cmd += ["-S", f"{key}={value}"]
+        cmd += ["-S", f"{'' if _has_key(params, key) else '+'}{key}={value}"]
     return cmd
 
 
@@ -65,7 +78,7 @@ def run_variant(name: str, overrides: dict, target: str, root=REPO) -> None:
     of the study must not fail on its own earlier runs, nor leave two experiments of one name for `collect`)."""
     if refs := experiment_refs(name, root):
         subprocess.run(["dvc", "exp", "remove", *refs], cwd=root, check=True)
-    cmd = variant_command(name, overrides, target)
+    cmd = variant_command(name, overrides, target, yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")))
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=root, check=True)
 
