@@ -17,9 +17,10 @@ Layout (megatron-core 0.16 GPTModel; the same mapping as Megatron-Bridge's Llama
   lm_head.weight                                  <-> output_layer.weight      (untied: RECIPE.md)
 
 The conversion is a pure permutation of tensors (no arithmetic), so HF -> Megatron -> HF is exact. megatron-core is
-needed only to build the Megatron model (`build_gpt_model`); the mapping itself imports nothing from it. Tensor and
-pipeline parallel sharding of these full tensors is Megatron's own (its dist-checkpointing / the bridge): this
-module produces the unsharded (TP = PP = 1) state dict.
+needed only to build the Megatron model (`build_gpt_model`); the mapping itself imports nothing from it. The full
+(TP = PP = 1) state dict is split for a parallel run by slicing only: tp_shard / tp_unshard (tensor parallel, how
+Megatron's Column / Row / VocabParallel layers split each tensor) and pp_shard / pp_unshard (pipeline stages: a
+contiguous block of layers per stage, renumbered from 0 as a stage's TransformerBlock names them).
 """
 from __future__ import annotations
 
@@ -61,17 +62,21 @@ def transformer_config_kwargs(cfg: ModelConfig, par: MegatronParallel = Megatron
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel,
         recompute_granularity=par.recompute_granularity, recompute_method=par.recompute_method,
-        recompute_num_layers=par.recompute_num_layers)
+        recompute_num_layers=par.recompute_num_layers, pipeline_dtype=dtype)
     if cpu:
-        kwargs.update(use_cpu_initialization=True, persist_layer_norm=False, apply_rope_fusion=False,
+        kwargs.update(use_cpu_initialization=True, batch_p2p_sync=False, persist_layer_norm=False, apply_rope_fusion=False,
                       masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
                       gradient_accumulation_fusion=False)
     return kwargs
 
 
 def build_gpt_model(cfg: ModelConfig, par: MegatronParallel = MegatronParallel(), dtype: torch.dtype = torch.float32,
-                    cpu: bool = False, transformer_engine: bool = False):
-    """A megatron.core GPTModel of our shape (model-parallel state must be initialized by the caller)."""
+                    cpu: bool = False, transformer_engine: bool = False, pre_process: bool = True,
+                    post_process: bool = True):
+    """A megatron.core GPTModel of our shape (model-parallel state must be initialized by the caller); one pipeline
+    stage of it when `pre_process` (embedding: the first stage) or `post_process` (final norm, output layer and
+    loss: the last stage) is False; the stage's layers are Megatron's choice from the model-parallel state, the
+    block pp_layers names."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
     if transformer_engine:
@@ -83,7 +88,8 @@ def build_gpt_model(cfg: ModelConfig, par: MegatronParallel = MegatronParallel()
     config = TransformerConfig(**transformer_config_kwargs(cfg, par, dtype, cpu))
     return GPTModel(config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
                     position_embedding_type="rope", rotary_base=cfg.rope_theta, rotary_percent=1.0,
-                    share_embeddings_and_output_weights=cfg.tie_word_embeddings)
+                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, pre_process=pre_process,
+                    post_process=post_process)
 
 
 def _norm_names(te: bool) -> tuple[str, str]:
@@ -159,8 +165,8 @@ def megatron_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, te: bool = 
     return out
 
 
-# Tensor parallelism of the unsharded state dict (the pretrain Megatron backend at TP > 1; pipeline stages are not
-# handled here): how megatron.core's Column / Row / VocabParallel layers split each tensor -- rows of the
+# Tensor parallelism of the unsharded state dict (the pretrain Megatron backend at TP > 1; pipeline stages:
+# pp_shard below): how megatron.core's Column / Row / VocabParallel layers split each tensor -- rows of the
 # column-parallel and vocab-parallel weights, columns of the row-parallel ones; norms are replicated. Slicing and
 # concatenation only, so tp_unshard(tp_shard(...)) is exact.
 _TP_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "self_attention.linear_qkv.weight")
@@ -202,5 +208,65 @@ def tp_unshard(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
             halves = [p.chunk(2, dim=0) for p in parts]
             out[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
         else:
+            out[key] = t
+    return out
+
+
+# Pipeline parallelism: stage r of PP holds layers [r L / PP, (r + 1) L / PP) under local names decoder.layers.0 ...
+# (megatron.core's TransformerBlock numbers a stage's layers from 0; their layer_number carries the offset), the
+# embedding on the first stage, the final norm and output layer on the last.
+_LAYERS = "decoder.layers."
+_FIRST = ("embedding.",)
+_LAST = ("decoder.final_layernorm.", "output_layer.")
+
+
+def pp_layers(cfg: ModelConfig, pp: int, rank: int) -> range:
+    """The global layer indices of pipeline stage `rank` of `pp` (Megatron's even split, no uneven first/last)."""
+    if cfg.num_hidden_layers % pp:
+        raise ValueError(f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={cfg.num_hidden_layers}")
+    if cfg.tie_word_embeddings and pp > 1:
+        raise ValueError("pipeline_model_parallel_size > 1 with tied embeddings: the last stage would hold a copy of "
+                         "the embedding table, which this conversion does not write")
+    n = cfg.num_hidden_layers // pp
+    return range(rank * n, (rank + 1) * n)
+
+
+def _layer_key(key: str) -> tuple[int, str]:
+    index, rest = key[len(_LAYERS):].split(".", 1)
+    return int(index), rest
+
+
+def pp_shard(state: dict[str, torch.Tensor], cfg: ModelConfig, pp: int, rank: int) -> dict[str, torch.Tensor]:
+    """Pipeline stage `rank` of `pp`: its slice of a Megatron state dict (full or one TP rank's), layers renamed to
+    the stage's local indices."""
+    layers = pp_layers(cfg, pp, rank)
+    out = {}
+    for key, t in state.items():
+        if key.startswith(_LAYERS):
+            i, rest = _layer_key(key)
+            if i in layers:
+                out[f"{_LAYERS}{i - layers.start}.{rest}"] = t
+        elif key.startswith(_FIRST):
+            if rank == 0:
+                out[key] = t
+        elif key.startswith(_LAST):
+            if rank == pp - 1:
+                out[key] = t
+        else:
+            raise KeyError(f"pp_shard: {key} belongs to no pipeline stage")
+    return out
+
+
+def pp_unshard(stages: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of pp_shard over all stages' slices (in stage order)."""
+    out = {}
+    for rank, state in enumerate(stages):
+        start = pp_layers(cfg, len(stages), rank).start
+        for key, t in state.items():
+            if key.startswith(_LAYERS):
+                i, rest = _layer_key(key)
+                key = f"{_LAYERS}{i + start}.{rest}"
+            if key in out:
+                raise KeyError(f"pp_unshard: {key} is held by two pipeline stages")
             out[key] = t
     return out

@@ -1,7 +1,8 @@
 """pretrain.backend: megatron on CPU (gloo): at TP = PP = 1 (world size 1) the same init (hf_to_megatron of the torch
 backend's seeded init), plan, LR and batches give the torch backend's losses and weights; the outputs are HF Llama
 checkpoints; N steps == N/2 + resume + N/2 (windows exact, weights bit for bit); on 2 processes as TP = 2 (each rank
-holding its slice: tp_shard / tp_unshard) or DP = 2 the same, across a resume; PP > 1 is refused by name.
+holding its slice: tp_shard / tp_unshard), PP = 2 (each rank one pipeline stage: pp_shard / pp_unshard, activations
+passed point to point) or DP = 2 the same, across a resume; a PP that does not divide the layers is refused by name.
 
 Tolerances (fp32): the two backends compute the same function with different kernels: Megatron fuses q/k/v and
 gate/up into one matmul each, uses its own softmax and cross-entropy, its grad buffer and clip; the per-step
@@ -135,6 +136,29 @@ def test_tp_shard_then_unshard_is_exact_and_splits_whole_query_groups():
         tp_shard(full, cfg, 4, 0)
 
 
+def test_pp_shard_then_unshard_is_exact_and_gives_each_stage_its_layers():
+    from model import ModelConfig, NanbeigeForCausalLM
+    from model.megatron import hf_to_megatron, pp_shard, pp_unshard, tp_shard, tp_unshard
+    cfg = ModelConfig.from_params({**MODEL_PARAMS, "num_hidden_layers": 4, "num_key_value_heads": 2})
+    torch.manual_seed(0)
+    full = hf_to_megatron(NanbeigeForCausalLM(cfg).state_dict(), cfg)
+    stages = [pp_shard(full, cfg, 2, r) for r in range(2)]
+    back = pp_unshard(stages, cfg)
+    assert back.keys() == full.keys() and all(torch.equal(back[k], full[k]) for k in full)
+    first, last = stages
+    assert "embedding.word_embeddings.weight" in first and "output_layer.weight" not in first
+    assert "output_layer.weight" in last and "decoder.final_layernorm.weight" in last
+    assert "embedding.word_embeddings.weight" not in last
+    assert {k.split(".")[2] for k in first if k.startswith("decoder.layers.")} == {"0", "1"}
+    assert torch.equal(last["decoder.layers.0.mlp.linear_fc2.weight"], full["decoder.layers.2.mlp.linear_fc2.weight"])
+    # TP within each stage, then PP, joined in either order: the same full state
+    grid = [[tp_shard(pp_shard(full, cfg, 2, p), cfg, 2, t) for t in range(2)] for p in range(2)]
+    joined = pp_unshard([tp_unshard(row) for row in grid], cfg)
+    assert all(torch.equal(joined[k], full[k]) for k in full)
+    with pytest.raises(ValueError, match="does not divide num_hidden_layers=4"):
+        pp_shard(full, cfg, 3, 0)
+
+
 @pytest.fixture(scope="module")
 def torch_kv2(setup):
     """The single-process torch reference for the 2-process runs: a model with 2 query groups (one per TP rank)."""
@@ -148,14 +172,18 @@ def job(setup, name: str, params: dict) -> dict:
             "params": params, "model": {**MODEL_PARAMS, "num_key_value_heads": 2}, "log": str(tmp / f"{name}.log")}
 
 
-@pytest.mark.parametrize("tp,stop", [(2, 5), (1, None)], ids=["tp2_dp1_resumed", "tp1_dp2"])
-def test_two_processes_match_the_torch_backend(setup, torch_kv2, tp, stop):
-    """2 gloo processes as TP = 2 (each rank holds half of every parallel weight and its optimizer state; stopped at
-    step 5 and resumed) or as DP = 2 (each rank trains on half the rows; Megatron's DDP sums the gradients and
-    finalize_model_grads divides by the all-reduced token count): the run equals the single-process torch run."""
+@pytest.mark.parametrize("tp,pp,stop", [(2, 1, 5), (1, 2, 5), (1, 1, None)],
+                         ids=["tp2_dp1_resumed", "pp2_dp1_resumed", "tp1_dp2"])
+def test_two_processes_match_the_torch_backend(setup, torch_kv2, tp, pp, stop):
+    """2 gloo processes as TP = 2 (each rank holds half of every parallel weight and its optimizer state), as PP = 2
+    (each rank one layer of the two, the first with the embedding, the last with norm, output layer and loss;
+    Megatron's 1F1B schedule over the step's micro-batches), each stopped at step 5 and resumed, or as DP = 2 (each
+    rank trains on half the rows; Megatron's DDP sums the gradients and finalize_model_grads divides by the
+    all-reduced token count): the run equals the single-process torch run."""
     from test_fsdp import run_world
-    name = f"megatron_tp{tp}_w2"
-    params = {**MEGATRON, "megatron": {**MEGATRON["megatron"], "tensor_model_parallel_size": tp}}
+    name = f"megatron_tp{tp}_pp{pp}_w2"
+    params = {**MEGATRON, "megatron": {**MEGATRON["megatron"], "tensor_model_parallel_size": tp,
+                                       "pipeline_model_parallel_size": pp}}
     log = run_world(2, {**job(setup, name, params), "max_steps": stop}) if stop else []
     log += run_world(2, {**job(setup, name, params), "log": str(setup[0] / f"{name}.2.log")})
     assert log == torch_kv2  # cursors exact (across the resume)
@@ -169,7 +197,7 @@ def test_two_processes_match_the_torch_backend(setup, torch_kv2, tp, stop):
 
 
 @pytest.mark.parametrize("knob,error", [
-    ({"pipeline_model_parallel_size": 2}, "pipeline_model_parallel_size=2.*does not split layers"),
+    ({"pipeline_model_parallel_size": 3}, "pipeline_model_parallel_size=3 does not divide num_hidden_layers=2"),
     pytest.param({"sequence_parallel": True}, "sequence_parallel needs the Transformer Engine layer spec",
                  marks=pytest.mark.skipif(te_available(), reason="Transformer Engine is installed here"))])
 def test_unsupported_megatron_layouts_are_refused_clearly(setup, tmp_path, knob, error):

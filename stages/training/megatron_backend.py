@@ -11,20 +11,26 @@ What runs where:
              same decay rule as stages/training/optim.param_groups: none on 1-D weights and the embedding table)
   layout     world W = TP x PP x DP (parallel_state.initialize_model_parallel); data-parallel rank d of DP trains
              on rows d::DP of the step's global batch (shard_rows), TP / PP ranks of one DP rank on the same rows
+  PP         stage r of PP builds the GPTModel's layers [r L / PP, (r + 1) L / PP) (pre_process: the embedding on
+             the first, post_process: norm, output layer and loss on the last) and takes pp_shard of the converted
+             weights; Megatron's 1F1B schedule passes activations between stages (point-to-point; gloo on CPU); the
+             loss sums, known on the last stage, are all-reduced over the pipeline group so every rank logs them
   normalizer calculate_per_token_loss: each micro-batch returns (sum of masked token CE, its token count); the
              schedule sums the counts over micro-batches and finalize_model_grads all-reduces them over DP and
              divides the summed gradient by the total: g = grad(S / N), N the step's global token count, the
              PyTorch backend's normalizer (stages/training/losses.py)
   state      weights converted back by megatron_to_hf (resume states and the phase / final checkpoints stay HF
-             Llama safetensors); the optimizer's own state_dict (fp32 master weights + moments) per TP rank, the
+             Llama safetensors); the optimizer's own state_dict (fp32 master weights + moments) per (PP, TP) rank, the
              same on every DP rank (use_distributed_optimizer is off), gathered to rank 0: one file
   TP         hf_to_megatron then tp_shard give each tensor-parallel rank its slice at init and resume; saves
-             gather the slices to TP rank 0 (gather_object) and join them (tp_unshard) before megatron_to_hf
+             gather every (PP, TP) rank's slice to the writer (gather_object over the model-parallel group of DP
+             rank 0) and join them (tp_unshard per stage, then pp_unshard) before megatron_to_hf
 
-Limits: PP = 1 (the conversion does not split layers into pipeline stages; a larger PP raises a StageError naming
-it); sequence_parallel needs the Transformer Engine spec. use_distributed_optimizer is off: each rank holds bf16
-weights, fp32 grads, fp32 master weights and moments of its TP slice, 18 bytes per parameter / TP (71 GB at 3b and
-TP = 1): on 80 GB GPUs use TP = 2, or the torch backend (FSDP2 shards all of it over the world).
+Limits: PP must divide the layer count (an even split) and the embeddings be untied (RECIPE.md: they are); no
+virtual (interleaved) pipeline stages; sequence_parallel needs the Transformer Engine spec.
+use_distributed_optimizer is off: each rank holds bf16 weights, fp32 grads, fp32 master weights and moments of its
+(PP, TP) slice, 18 bytes per parameter / (TP x PP) (71 GB at 3b and TP = PP = 1): on 80 GB GPUs use TP = 2 or PP = 2,
+or the torch backend (FSDP2 shards all of it over the world).
 On CPU (tests, tiny) Megatron's hard-coded CUDA tensors are redirected to CPU by cpu_emulation(), active only
 inside this backend's calls.
 """
@@ -37,7 +43,7 @@ import torch
 
 from stages.common import StageError
 from stages.training.losses import Loss, Micro, TokenCrossEntropy
-from stages.training.parallel import World, reduce_sums, shard_rows
+from stages.training.parallel import World, process_group_backend, reduce_sums, shard_rows
 
 MEGATRON_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",
                  "recompute_granularity", "recompute_method", "recompute_num_layers")
@@ -70,6 +76,7 @@ def cpu_emulation(active: bool) -> Iterator[None]:
 
     mp = _Patches()
     mp.setattr(torch.cuda, "current_device", lambda: "cpu")
+    mp.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # pipeline p2p after batch_isend_irecv
     mp.setattr(mrandom.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext())
     mp.setattr(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())  # activation recompute
     mp.setattr(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
@@ -112,11 +119,11 @@ class MegatronEngine:
         self.cpu = device.type == "cpu"
         mp = dict(p.get("megatron") or {})
         self.par = parallel_config(mp)
-        if self.par.pipeline_model_parallel_size != 1:
-            raise StageError(f"pretrain.megatron.pipeline_model_parallel_size="
-                             f"{self.par.pipeline_model_parallel_size}: the HF <-> Megatron conversion "
-                             f"(model/megatron.py) does not split layers into pipeline stages; use 1 (tensor and "
-                             f"data parallel cover the 3b shape)")
+        from model.megatron import pp_layers
+        try:
+            pp_layers(self.cfg, self.par.pipeline_model_parallel_size, 0)
+        except ValueError as e:
+            raise StageError(f"pretrain.megatron.pipeline_model_parallel_size: {e}") from None
         self.te = bool(mp.get("transformer_engine", False)) and te_available()
         if self.par.sequence_parallel and not self.te:
             raise StageError("pretrain.megatron.sequence_parallel needs the Transformer Engine layer spec "
@@ -124,7 +131,7 @@ class MegatronEngine:
                              "norms (torch) do not support sequence parallelism")
         self._own_group = not dist.is_initialized()
         if self._own_group:  # a world of one without torchrun: an in-memory store, no network
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+            dist.init_process_group(process_group_backend(device), store=dist.HashStore(),
                                     rank=0, world_size=1)
         self._own_mp = not parallel_state.model_parallel_is_initialized()
         if self._own_mp:
@@ -134,6 +141,8 @@ class MegatronEngine:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.weight_decay, self.grad_clip = float(p["weight_decay"]), float(p["grad_clip"])
         with cpu_emulation(self.cpu):
             self._build(model, p)
@@ -152,7 +161,8 @@ class MegatronEngine:
         if not self.cpu:
             model_parallel_cuda_manual_seed(int(p["seed"]))
         dtype = torch.float32 if self.cpu else torch.bfloat16
-        gpt = build_gpt_model(self.cfg, self.par, dtype, cpu=self.cpu, transformer_engine=self.te)
+        gpt = build_gpt_model(self.cfg, self.par, dtype, cpu=self.cpu, transformer_engine=self.te,
+                              pre_process=self.pp_rank == 0, post_process=self.pp_rank == self.pp_size - 1)
         if not self.cpu:
             gpt = gpt.to(self.device)
         self._load_hf(gpt, {k: v.detach() for k, v in model.state_dict().items()})
@@ -174,9 +184,10 @@ class MegatronEngine:
         self.gpt = gpt
 
     def _load_hf(self, gpt, weights: dict[str, torch.Tensor]) -> None:
-        """Full HF weights -> this tensor-parallel rank's slice of the GPTModel."""
-        from model.megatron import hf_to_megatron, tp_shard
+        """Full HF weights -> this (pipeline stage, tensor-parallel rank)'s slice of the GPTModel."""
+        from model.megatron import hf_to_megatron, pp_shard, tp_shard
         state = tp_shard(hf_to_megatron(weights, self.cfg, te=self.te), self.cfg, self.tp_size, self.tp_rank)
+        state = pp_shard(state, self.cfg, self.pp_size, self.pp_rank)
         missing, unexpected = gpt.load_state_dict(state, strict=False)
         if unexpected or any(not k.endswith("_extra_state") for k in missing):
             raise StageError(f"Megatron GPTModel does not match the HF weights: missing {missing}, "
@@ -201,7 +212,8 @@ class MegatronEngine:
         return per_token, loss_func
 
     def _run(self, micros: list[Micro], forward_only: bool) -> tuple[float, float]:
-        """(sum of token CE, token count) over this rank's micro-batches through Megatron's schedule."""
+        """(sum of token CE, token count) over this rank's micro-batches through Megatron's schedule; with PP the
+        last stage computes them, and they are summed over the pipeline group (the other stages contribute 0)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         rows, seq = micros[0]["input_ids"].shape
         out = get_forward_backward_func()(forward_step_func=self._forward_step, data_iterator=iter(micros),
@@ -209,6 +221,11 @@ class MegatronEngine:
                                           micro_batch_size=rows, forward_only=forward_only)
         total = sum(float(o["sum_count"][0]) for o in out)
         count = sum(float(o["sum_count"][1]) for o in out)
+        if self.pp_size > 1:
+            from megatron.core import parallel_state
+            sums = reduce_sums({"count": count, "total": total}, self.pp_size,
+                               group=parallel_state.get_pipeline_model_parallel_group())
+            total, count = float(sums["total"]), float(sums["count"])
         return total, count
 
     def step(self, micros: list[Micro], loss_fn: Loss, lr: float, grad_clip: float) -> tuple[dict[str, float], float]:
@@ -248,41 +265,53 @@ class MegatronEngine:
         RotaryEmbedding.forward.cache_clear()
         self.cfg = self.model.config
 
-    def _gather_tp(self, obj):
-        """[obj of TP rank 0, ..., obj of TP rank tp - 1] on TP rank 0 of data-parallel rank 0 (the writer's group),
-        None elsewhere; the other data-parallel replicas hold the same values and skip it."""
+    def _gather_model_parallel(self, obj) -> dict[tuple[int, int], object] | None:
+        """{(PP rank, TP rank): obj of that rank} on the writer (global rank 0: PP, TP and DP rank 0), None
+        elsewhere; the model-parallel group of DP rank 0 gathers, the other data-parallel replicas hold the same
+        values and skip it."""
         import torch.distributed as dist
         from megatron.core import parallel_state
         if self.dp_rank != 0:
             return None
-        if self.tp_size == 1:
-            return [obj]
-        out = [None] * self.tp_size if self.tp_rank == 0 else None
-        dist.gather_object(obj, out, dst=parallel_state.get_tensor_model_parallel_src_rank(),
-                           group=parallel_state.get_tensor_model_parallel_group())
-        return out
+        key = (self.pp_rank, self.tp_rank)
+        if self.tp_size * self.pp_size == 1:
+            return {key: obj}
+        group = parallel_state.get_model_parallel_group()
+        dst = dist.get_global_rank(group, 0)
+        out = [None] * (self.tp_size * self.pp_size) if dist.get_rank() == dst else None
+        dist.gather_object((key, obj), out, dst=dst, group=group)
+        return dict(out) if out is not None else None
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
-        """The full HF state: every TP rank's slice gathered and joined (tp_unshard), then megatron_to_hf."""
-        from model.megatron import megatron_to_hf, tp_unshard
+        """The full HF state: every (PP, TP) rank's slice gathered, joined (tp_unshard per stage, then pp_unshard),
+        then megatron_to_hf."""
+        from model.megatron import megatron_to_hf, pp_unshard, tp_unshard
         local = {k: v.detach().cpu() for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        shards = self._gather_tp(local)
+        slices = self._gather_model_parallel(local)
         if not self.world.is_writer:
             return {}
-        return megatron_to_hf(tp_unshard(shards), self.cfg, te=self.te)
+        stages = [tp_unshard([slices[(pp, tp)] for tp in range(self.tp_size)]) for pp in range(self.pp_size)]
+        return megatron_to_hf(pp_unshard(stages, self.cfg), self.cfg, te=self.te)
 
     def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(hf_weights(), {"tp_ranks": [optimizer state of each TP rank]}): a TP rank's state covers its slices, so
-        a resume needs the same TP size (it is a param: the run directory's key has it)."""
+        """(hf_weights(), {"layout": [PP, TP], "ranks": {"<pp>.<tp>": optimizer state of that rank}}): a rank's
+        state covers its slices, so a resume needs the same PP and TP sizes (they are params: the run directory's
+        key has them; load_state_dicts checks)."""
         with cpu_emulation(self.cpu):
-            optimizer = self._gather_tp(_on_cpu(self.optimizer.state_dict()))
+            optimizer = self._gather_model_parallel(_on_cpu(self.optimizer.state_dict()))
         weights = self.hf_weights()
-        return weights, ({"tp_ranks": optimizer} if self.world.is_writer else {})
+        if not self.world.is_writer:
+            return weights, {}
+        return weights, {"layout": [self.pp_size, self.tp_size],
+                         "ranks": {f"{pp}.{tp}": state for (pp, tp), state in sorted(optimizer.items())}}
 
     def load_state_dicts(self, weights: dict[str, torch.Tensor], optimizer: dict) -> None:
+        if list(optimizer.get("layout", [])) != [self.pp_size, self.tp_size]:
+            raise StageError(f"the Megatron resume state was saved at [PP, TP] = {optimizer.get('layout')}, this run "
+                             f"is [{self.pp_size}, {self.tp_size}]: a rank's optimizer state covers its own slices")
         with cpu_emulation(self.cpu):
             self._load_hf(self.gpt, weights)
-            self.optimizer.load_state_dict(optimizer["tp_ranks"][self.tp_rank])
+            self.optimizer.load_state_dict(optimizer["ranks"][f"{self.pp_rank}.{self.tp_rank}"])
 
     def close(self) -> None:
         """Tear down the model-parallel state and process group this engine created."""

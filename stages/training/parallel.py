@@ -40,16 +40,23 @@ class World:
 
 
 def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
-    """The torchrun world, with its process group initialized when W > 1 (NCCL on CUDA, gloo on CPU) and this
-    rank's GPU selected (LOCAL_RANK)."""
+    """The torchrun world, with its process group initialized when W > 1 and this rank's GPU selected (LOCAL_RANK):
+    gloo on CPU; on CUDA NCCL for CUDA tensors and gloo for CPU ones (process_group_backend), since the loss sums
+    (reduce_sums) and the gathered resume states are CPU tensors."""
     import torch.distributed as dist
     world = World.from_env()
     if world.size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=world.rank,
+        dist.init_process_group(process_group_backend(device), rank=world.rank,
                                 world_size=world.size, timeout=timedelta(seconds=timeout_s))
     return world
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; "cpu:gloo,cuda:nccl" on CUDA: one process group whose collectives run on NCCL for CUDA tensors
+    and gloo for CPU tensors (an NCCL-only group refuses a CPU tensor)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def shard_rows(micros: list[Micro], rank: int, size: int) -> list[Micro]:
