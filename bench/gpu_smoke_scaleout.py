@@ -122,7 +122,9 @@ def main() -> int:
     cfg = config_3b(args.layers, args.seq_len, toy=args.cpu_dry_run)
     peak = peak_flops(args.peak_tflops) if device.type == "cuda" else None
     import torch.distributed as dist
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+
+    from stages.training.parallel import process_group_backend
+    dist.init_process_group(process_group_backend(device), store=dist.HashStore(), rank=0,
                             world_size=1)  # FSDP2's 1-GPU mesh and Megatron's parallel state share it
     print(f"{cfg.num_hidden_layers} layers of hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, seq {args.seq_len}, "
           f"{args.grad_accum} micro-batches per step, {device}"
