@@ -132,11 +132,13 @@ def test_a_variant_reruns_only_what_its_overrides_change_and_replaces_its_earlie
     """`dvc exp run --force` would rerun `up` (every upstream stage: filter, dedup, ... for a pretraining variant);
     a rerun of the study replaces the experiment of the same name instead of failing on it; a stage-level seed
     that params.yaml does not set is added (`+key=value`), where a plain override fails."""
+    import os
     import shutil
+    import sys
     from pathlib import Path
 
     from tools.ablate import collect, experiment_refs, run_variant
-    monkeypatch.setenv("PATH", f"{Path(__import__('sys').executable).parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     assert shutil.which("dvc")
     repo, counter = tmp_path / "repo", tmp_path / "up_runs"
     repo.mkdir()
