@@ -119,7 +119,8 @@ def test_dvc_analytics_are_off_in_the_committed_config():
 
 # The end-to-end run trains on a shorter stream and evaluates fewer, shorter samples than `make demo`:
 # the same code path in a fraction of the time.
-FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 80000, "train_tokens": 160000},
+FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 40000, "train_tokens": 80000},
+        "scales.tiny.pretrain.min_phase_steps": 4,  # ~28 steps over the six FG-WSD phases
         "scales.tiny.pretrain.eval_tokens": 4096,  # held-out tokens per set at each phase end (one batch)
         "scales.tiny.evaluate.max_problems": 2, "scales.tiny.evaluate.n_samples": 2,
         "scales.tiny.evaluate.max_new_tokens": 24, "scales.tiny.evaluate.max_per_level": 1,
@@ -142,9 +143,9 @@ FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 8000
 
 
 @pytest.fixture(scope="module")
-def snakemake_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("smk")
-    copy_repo(work)
+def snakemake_run(tmp_path_factory, data_workspace):
+    work = tmp_path_factory.mktemp("smk") / "repo"
+    shutil.copytree(data_workspace, work, symlinks=True)  # the data stages done up to score (tests/conftest.py)
     for key, value in FAST.items():
         set_param(work, key, value)
     sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm fast", work)

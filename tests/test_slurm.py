@@ -107,10 +107,12 @@ def chain_files(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The data stages once (locally), then the chain twice from that state: locally with `snakemake -c2`, and
-    through SLURM with the pretrain job cancelled once it logs step KILL_AT_STEP."""
-    local = copy_repo(tmp_path_factory.mktemp("local"))
+def chain(tmp_path_factory, data_workspace):
+    """The data stages (from the shared workspace, done up to score; then select here, locally), then the chain
+    twice from that state: locally with `snakemake -c2`, and through SLURM with the pretrain job cancelled once it
+    logs step KILL_AT_STEP."""
+    local = tmp_path_factory.mktemp("local") / "repo"
+    shutil.copytree(data_workspace, local, symlinks=True)
     for key, value in SHRINK.items():
         set_param(local, key, value)
     sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm shrink", local)
