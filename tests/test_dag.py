@@ -119,8 +119,7 @@ def test_dvc_analytics_are_off_in_the_committed_config():
 
 # The end-to-end run trains on a shorter stream and evaluates fewer, shorter samples than `make demo`:
 # the same code path in a fraction of the time.
-FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 40000, "train_tokens": 80000},
-        "scales.tiny.pretrain.min_phase_steps": 4,  # ~28 steps over the six FG-WSD phases
+FAST = {"scales.tiny.select.budgets": {"pool_tokens": 200000, "top_tokens": 80000, "train_tokens": 160000},
         "scales.tiny.pretrain.eval_tokens": 4096,  # held-out tokens per set at each phase end (one batch)
         "scales.tiny.evaluate.max_problems": 2, "scales.tiny.evaluate.n_samples": 2,
         "scales.tiny.evaluate.max_new_tokens": 24, "scales.tiny.evaluate.max_per_level": 1,
