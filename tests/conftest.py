@@ -24,4 +24,3 @@ def data_workspace(tmp_path_factory):
     work = copy_repo(tmp_path_factory.mktemp("data"))
     sh(["snakemake", f"-c{CORES}", "--no-hooks", "--until", "score"], work)
     return work
-
