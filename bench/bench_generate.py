@@ -17,8 +17,12 @@ What differs between the sides (same model, same batch, same work otherwise):
   (one device-to-host transfer per step); HF returns token ids only.
 - ours draws each row with its own torch.Generator (per-sample seeds), inverse-CDF from one uniform per row per step;
   HF samples the whole batch with torch.multinomial on the global generator.
-- ours finds the top-p nucleus from sorted probabilities alone (numpy's SIMD sort on CPU); HF sorts logits and
-  scatters the mask back (torch.sort with indices).
+- ours finds the top-p nucleus threshold without sorting the vocabulary on CPU (one weighted bincount over the fp32
+  bits, then a sort of the one bucket holding the threshold: model.generation._nucleus_threshold_cpu); HF sorts the
+  logits and scatters the mask back (torch.sort with indices).
+- ours decodes through model.generation._DecodeStep: the same ops as the model's forward, without module calls, from
+  q/k/v and gate/up weights fused once per call (12 layer matmuls per step at the tiny shape instead of 28), attention
+  as two batched matmuls; HF runs its modules (separate projections, SDPA).
 - ours keeps a preallocated KV cache and one attention mask per step; HF's DynamicCache grows by concatenation and
   its mask is rebuilt by its masking utilities every step.
 Greedy agreement (rows whose greedy tokens are identical on both sides) is printed as a sanity check: the same

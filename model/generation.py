@@ -21,6 +21,13 @@ A row finishes at a stop token (the last of token_ids; not in text), at a stop s
 text, decoded incrementally after every token: the token completing it is the last of token_ids, text is cut before
 the stop string), or after min(max_new_tokens, context - prompt length) tokens (finish_reason "length"). A finished
 row leaves the batch (its cache row is dropped), so the others decode without it.
+
+Decoding (one new token per row) does not go through the model's modules: `_DecodeStep` runs the same computation
+as NanbeigeForCausalLM.forward with a KVCache (the same ops.* norms, RoPE and SwiGLU, so fused kernels still apply
+on CUDA) from weights fused once per `generate` call (q/k/v into one matrix, gate/up into one), with attention as two
+batched matmuls over each kv head's query group and an additive mask for the padding. At the tiny shape on 2 CPU
+threads that halves a step's matmul calls and drops ~50 module calls per step; it equals the module forward up to
+float rounding of the differently shaped matmuls (tests/test_generate.py compares both).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from model import ops
 from model.llama import KVCache, NanbeigeForCausalLM
 
 
@@ -88,19 +96,21 @@ def generate(model: NanbeigeForCausalLM, requests: Sequence[Request], params: Sa
     order = sorted(range(len(requests)), key=lambda r: (len(requests[r].prompt_ids), r))
     rows = [(r, s) for r in order for s in range(len(requests[r].seeds))]
     out: list[list[Completion | None]] = [[None] * len(req.seeds) for req in requests]
+    step = _DecodeStep(model)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         distinct = list(dict.fromkeys(r for r, _ in batch))
         completions = _generate_batch(model, [list(requests[r].prompt_ids) for r in distinct],
                                       [distinct.index(r) for r, _ in batch],
-                                      [int(requests[r].seeds[s]) for r, s in batch], params, decode)
+                                      [int(requests[r].seeds[s]) for r, s in batch], params, decode, step)
         for (r, s), completion in zip(batch, completions):
             out[r][s] = completion
     return out
 
 
 def _generate_batch(model: NanbeigeForCausalLM, prompts: list[list[int]], row_prompt: list[int], seeds: list[int],
-                    params: SamplingParams, decode: Callable[[list[int]], str] | None) -> list[Completion]:
+                    params: SamplingParams, decode: Callable[[list[int]], str] | None,
+                    step_fn: "_DecodeStep") -> list[Completion]:
     """Rows row_prompt[i] (an index into prompts) with seeds[i]: prefill the distinct prompts, then decode."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     budgets = [min(params.max_new_tokens, model.config.max_position_embeddings - len(prompts[p])) for p in row_prompt]
@@ -147,9 +157,63 @@ def _generate_batch(model: NanbeigeForCausalLM, prompts: list[list[int]], row_pr
             token = token[index]
             uniforms = None if uniforms is None else uniforms[index]
             live = [live[j] for j in keep]
-        logits = model(token[:, None], cache, last_only=True).float()
+        logits = step_fn(token, cache).float()
     return [Completion(tokens[i], raw[i], sampled[i], _text(decode, tokens[i], finish[i], params.stop_strings),
                        *finish[i]) for i in range(len(seeds))]
+
+
+class _DecodeStep:
+    """step(token [B], cache) -> logits [B, vocab]: NanbeigeForCausalLM.forward(token[:, None], cache, last_only=True)
+    without the module calls (see the module docstring). Row b's new token sits at column cache.pos, RoPE position
+    cache.pos - pad[b], and reads the keys at columns pad[b] .. cache.pos (the padding never). On CPU the q/k/v and
+    gate/up weights are fused once here (a copy of ~70% of the layer weights: the model must not change during the
+    `generate` call, which holds under torch.inference_mode); on other devices the separate weights run as they are."""
+
+    def __init__(self, model: NanbeigeForCausalLM):
+        cfg = model.config
+        self.model, self.eps = model, cfg.rms_norm_eps
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.fused = model.lm_head.weight.device.type == "cpu"
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            gate_up = (m.gate_proj.weight, m.up_proj.weight)
+            if self.fused:
+                qkv, gate_up = (torch.cat(qkv),), (torch.cat(gate_up),)
+            self.layers.append((layer.input_layernorm.weight, qkv, a.o_proj.weight,
+                                layer.post_attention_layernorm.weight, gate_up, m.down_proj.weight))
+
+    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        model, (h, hkv, d), b, pos = self.model, (self.h, self.hkv, self.d), token.shape[0], cache.pos
+        if cache.batch_size != b:
+            raise ValueError(f"KVCache batch {cache.batch_size} != input batch {b}")
+        g, s = h // hkv, pos + 1
+        positions = pos - cache.pad
+        cos, sin = model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None]
+        x = torch.nn.functional.embedding(token, model.model.embed_tokens.weight)
+        bias = None
+        if cache.ragged:   # additive mask [B * Hkv, G, S]: -inf on each row's padding columns
+            cols = torch.arange(s, device=x.device)
+            bias = torch.zeros(b, s, device=x.device, dtype=torch.float32).masked_fill_(
+                cols[None, :] < cache.pad[:, None], float("-inf"))
+            bias = bias[:, None, None, :].expand(b, hkv, g, s).reshape(b * hkv, g, s)
+        linear, scale = torch.nn.functional.linear, d ** -0.5
+        for i, (w_in, qkv, w_o, w_post, gate_up, w_down) in enumerate(self.layers):
+            y = ops.rms_norm(x, w_in, self.eps)
+            q, k, v = (linear(y, qkv[0]).split((h * d, hkv * d, hkv * d), dim=-1) if self.fused
+                       else (linear(y, w) for w in qkv))
+            q, k = ops.apply_rotary(q.view(b, h, 1, d), k.view(b, hkv, 1, d), cos, sin)
+            keys, values = cache.update(i, k, v.view(b, hkv, 1, d))      # [B, Hkv, S, D]: views, no copy
+            scores = torch.bmm(q.reshape(b * hkv, g, d), keys.reshape(b * hkv, s, d).transpose(1, 2)).float()
+            scores = scores.mul_(scale) if bias is None else scores.mul_(scale).add_(bias)
+            attn = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values.reshape(b * hkv, s, d))
+            x = x + linear(attn.view(b, h * d), w_o)
+            y = ops.rms_norm(x, w_post, self.eps)
+            gate, up = linear(y, gate_up[0]).chunk(2, dim=-1) if self.fused else (linear(y, w) for w in gate_up)
+            x = x + linear(ops.swiglu(gate, up), w_down)
+        cache.advance(1)
+        return model.lm_head(model.model.norm(x))
 
 
 def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
@@ -172,18 +236,40 @@ def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
 
 def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """tau [B] per row of probs [B, V]: the k-th largest probability, k the fewest tokens whose mass reaches top_p
-    (a token is kept while the more likely ones hold less than top_p; the most likely one always is)."""
-    desc = _sorted_descending(probs)
+    (a token is kept while the more likely ones hold less than top_p; the most likely one always is; when rounding
+    leaves the whole row short of top_p, tau is its smallest probability)."""
+    if probs.device.type == "cpu":
+        return torch.from_numpy(_nucleus_threshold_cpu(probs.float().numpy(), top_p)).to(probs.dtype)
+    desc = probs.sort(dim=-1, descending=True).values
     # k - 1 = #{i < V - 1 : cumsum_i < top_p}: the cumulative mass is nondecreasing, so a search counts it.
     k = torch.searchsorted(desc.cumsum(dim=-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
     return desc.gather(-1, k).squeeze(-1)
 
 
-def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
-    # torch's CPU sort of [32, 8192] takes ~10 ms, numpy's SIMD sort ~0.4 ms (bench/bench_generate.py's machine).
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
-    return x.sort(dim=-1, descending=True).values
+def _nucleus_threshold_cpu(p: np.ndarray, top_p: float, buckets: int = 2048) -> np.ndarray:
+    """nucleus_threshold without sorting the vocabulary (a full sort of [32, 8192] costs ~4 ms on 2 CPU cores, about a
+    third of a tiny decode step). The fp32 bit pattern of p >= 0, read as an integer, is monotone in p; its top 16 bits
+    (exponent and 7 mantissa bits: buckets of ~0.5% relative width) bucket the row, counted down from the row's top
+    bucket (0) and lumped from `buckets - 1` on (p below ~2^-16 of the row's largest). One weighted bincount gives each
+    bucket's mass (fp64); summed from the top, the first bucket whose running mass reaches top_p holds tau, and only
+    its tokens are sorted: the mass before it plus its sorted values' running sum locate tau."""
+    b, v = p.shape
+    key = p.view(np.int32) >> 16
+    rel = np.minimum(key.max(axis=1, keepdims=True) - key, buckets - 1)
+    mass = np.bincount((rel + (np.arange(b) * buckets)[:, None]).ravel(), weights=p.ravel(),
+                       minlength=b * buckets).reshape(b, buckets)
+    above = np.cumsum(mass, axis=1)                           # above[:, j]: the mass of buckets 0..j (the top ones)
+    crossing = (above < top_p).sum(axis=1)
+    tau = np.empty(b, dtype=p.dtype)
+    for r in range(b):
+        j = int(crossing[r])
+        if j >= buckets:                                      # rounding: the row never reaches top_p
+            tau[r] = p[r].min()
+            continue
+        vals = np.sort(p[r][rel[r] == j])[::-1]
+        cum = (above[r, j - 1] if j else 0.0) + np.cumsum(vals, dtype=np.float64)
+        tau[r] = vals[min(int(np.searchsorted(cum, top_p)), len(vals) - 1)]
+    return tau
 
 
 class _StopScan:

@@ -83,8 +83,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k (formula at apply_rotary_reference), dispatched."""
-    kernels = _fused(q, k, cos, sin)
+    """RoPE on q and k (formula at apply_rotary_reference), dispatched. The kernel takes one position table
+    cos/sin [T, D] shared by every row; per-row positions (cos/sin [B, 1, T, D]: a ragged KV cache, packed rows)
+    run the reference."""
+    kernels = _fused(q, k, cos, sin) if cos.dim() == 2 else None
     return apply_rotary_reference(q, k, cos, sin) if kernels is None else kernels.apply_rotary(q, k, cos, sin)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, NanbeigeForCausalLM, Request, SamplingParams, generate
+from model import generation
 from model.generation import nucleus_threshold
 
 CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -88,6 +89,50 @@ def test_nucleus_is_the_fewest_most_likely_tokens_reaching_top_p():
     assert tau(1e-9) == [probs[0, 1], 0.25]         # the most likely token alone
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_decode_step_equals_the_module_forward_on_a_ragged_cache(model, fused):
+    # generate decodes through _DecodeStep (fused weights on CPU, the separate ones elsewhere): the same logits as
+    # NanbeigeForCausalLM.forward with the same cache, step after step, padding rows included.
+    from model import KVCache
+    ps = prompts([3, 9, 6], seed=11)
+    width = max(map(len, ps))
+    pad = [width - len(p) for p in ps]
+    ids = torch.tensor([[0] * k + p for k, p in zip(pad, ps)])
+    with torch.inference_mode():
+        caches = [KVCache(CFG, len(ps), width + 5, pad=pad) for _ in range(2)]
+        for cache in caches:
+            model(ids, cache, last_only=True)
+        step = generation._DecodeStep(model)
+        step.fused = fused
+        if not fused:
+            step.layers = [(w_in, tuple(qkv[0].split([CFG.num_attention_heads * CFG.head_dim] +
+                                                       [CFG.num_key_value_heads * CFG.head_dim] * 2)), w_o, w_post,
+                            tuple(gate_up[0].chunk(2)), w_down)
+                           for w_in, qkv, w_o, w_post, gate_up, w_down in step.layers]
+        token = torch.tensor([5, 17, 200])
+        for _ in range(5):
+            want = model(token[:, None], caches[0], last_only=True)
+            got = step(token, caches[1])
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+            assert caches[0].pos == caches[1].pos
+            token = want.argmax(-1)
+
+
+def test_nucleus_threshold_equals_a_full_sort(model):
+    # The CPU path buckets the row by its fp32 bits instead of sorting it: the same tau as sorting the whole row and
+    # summing in fp64, from near-uniform rows (thousands of tokens in the nucleus) to peaked ones, zeros included.
+    def by_sort(probs, top_p):
+        desc = probs.double().sort(dim=-1, descending=True).values
+        k = torch.searchsorted(desc.cumsum(-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
+        return desc.gather(-1, k).squeeze(-1).float()
+    g = torch.Generator().manual_seed(3)
+    for scale in (0.01, 1.0, 10.0, 100.0):
+        probs = torch.softmax(torch.randn(16, 4096, generator=g) * scale, -1)
+        probs[:4, :100] = 0.0
+        for top_p in (1e-9, 0.3, 0.9, 0.95, 0.999, 1.0):
+            assert nucleus_threshold(probs, top_p).equal(by_sort(probs, top_p)), (scale, top_p)
+
+
 def test_a_sample_depends_on_its_seed_not_its_batch(model):
     p, others = prompts([6], seed=2)[0], prompts([2, 15, 9], seed=3)
     # Two common stop tokens make rows finish at different steps, so rows leave the batch mid-way.
@@ -107,13 +152,15 @@ def test_a_sample_depends_on_its_seed_not_its_batch(model):
 
 def test_n_samples_share_one_prefill(model, monkeypatch):
     ps = prompts([5, 8], seed=4)
-    shapes = []
-    forward = NanbeigeForCausalLM.forward
+    shapes, steps = [], []
+    forward, step = NanbeigeForCausalLM.forward, generation._DecodeStep.__call__
     monkeypatch.setattr(NanbeigeForCausalLM, "forward",
                         lambda self, ids, *a, **kw: shapes.append(tuple(ids.shape)) or forward(self, ids, *a, **kw))
+    monkeypatch.setattr(generation._DecodeStep, "__call__",
+                        lambda self, token, cache: steps.append(tuple(token.shape)) or step(self, token, cache))
     params = SamplingParams(4, temperature=1.0)
     out = generate(model, [Request(ps[0], (1, 2, 3)), Request(ps[1], (4, 5, 6))], params)
-    assert shapes == [(2, 8), (6, 1), (6, 1), (6, 1)]
+    assert shapes == [(2, 8)] and steps == [(6,), (6,), (6,)]     # one prefill of the 2 prompts, then 6 rows
     assert [len(s) for s in out] == [3, 3]
     monkeypatch.undo()
     assert out[1][2].token_ids == one(model, ps[1], params, seed=6).token_ids

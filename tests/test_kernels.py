@@ -281,6 +281,17 @@ def test_forced_triton_dispatches_every_op(name, spy):
     assert spy == [name]
 
 
+def test_per_row_rope_tables_run_the_reference_even_when_triton_is_forced(spy):
+    """The RoPE kernel takes one [T, D] table; a ragged KV cache gives each row its own positions ([B, 1, T, D]
+    tables), which the reference runs (the kernel would refuse the shape)."""
+    ops.set_kernels("triton")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 1, 8, generator=g), torch.randn(2, 1, 1, 8, generator=g)
+    cos, sin = torch.randn(2, 1, 1, 8, generator=g), torch.randn(2, 1, 1, 8, generator=g)
+    got = ops.apply_rotary(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, ops.apply_rotary_reference(q, k, cos, sin))) and spy == []
+
+
 def test_env_overrides_param_and_apex_picks_apex_rms_norm(spy, monkeypatch):
     ops.set_kernels("triton")
     monkeypatch.setenv(ops.KERNELS_ENV, "torch")
