@@ -330,3 +330,13 @@ def test_too_few_pairs_is_an_error_and_min_pairs_zero_passes_the_student_through
     assert m["counts"]["steps"] == 0 and m["counts"]["trained"] is False
     got, want = load_pretrained(tmp_path / "c" / "ckpt"), load_pretrained(world["student"])
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+
+
+def test_max_steps_zero_passes_the_student_through(world, tmp_path):
+    """distill.max_steps 0 is the ablation's no-distillation arm: the pairs are read and counted, no step runs, and the
+    checkpoint is the student's weights (sft_full straight on to RL)."""
+    from model import load_pretrained
+    m = _train(world, tmp_path, p={**DISTILL, "max_steps": 0})
+    assert m["counts"]["pairs"] == 7 and m["counts"]["steps"] == 0 and m["counts"]["trained"] is False
+    got, want = load_pretrained(tmp_path / "ckpt"), load_pretrained(world["student"])
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
