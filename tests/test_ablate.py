@@ -152,3 +152,16 @@ def test_a_variant_reruns_only_what_its_overrides_change_and_replaces_its_earlie
     assert collect(["s-v-seed1"])["s-v-seed1"]["metrics"]["m.json:y"] == 8
     from tools.ablate import variant_command
     assert variant_command("n", {"a.b": 1, "x": 2}, "t", {"x": 1})[-4:] == ["-S", "+a.b=1", "-S", "x=2"]
+
+
+def test_an_override_the_scale_slice_would_mask_is_set_there_too():
+    """A stage reads params[stage] overlaid with scales.<scale>.<stage>: `distill.max_steps=0` alone would change
+    nothing where `scales.tiny.distill.max_steps` is 40 (the no-distillation arm once ran as plain DPD that way)."""
+    from tools.ablate import effective_overrides, variant_command
+    params = {"scale": "tiny", "distill": {"max_steps": None, "w_dpo": 1.0},
+              "scales": {"tiny": {"distill": {"max_steps": 40}}}}
+    assert effective_overrides({"distill.max_steps": 0, "distill.w_dpo": 0.0}, params) == \
+        {"distill.max_steps": 0, "distill.w_dpo": 0.0, "scales.tiny.distill.max_steps": 0}
+    assert variant_command("n", {"distill.max_steps": 0}, "report", params)[-4:] == \
+        ["-S", "distill.max_steps=0", "-S", "scales.tiny.distill.max_steps=0"]
+    assert effective_overrides({"distill.max_steps": 0}, {**params, "scale": "3b"}) == {"distill.max_steps": 0}

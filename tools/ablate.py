@@ -2,6 +2,7 @@
 
     python -m tools.ablate                    # every study in params.yaml `ablations:`
     python -m tools.ablate --study schedule   # FG-WSD vs WSD vs cosine
+    python -m tools.ablate --study distill --variant none   # rerun one variant, collect the whole table
 
 Each variant is a set of `-S key=value` overrides on the same DAG (`dvc exp run --temp`, so the workspace is
 untouched and unchanged stages come from DVC's run cache: a schedule ablation retrains and re-evaluates, never
@@ -61,9 +62,22 @@ def variant_command(name: str, overrides: dict, target: str, params: dict) -> li
     which reruns every stage upstream of the target with the run cache off (filter, dedup, score ... for each
     pretraining variant). Without it, only the stages whose params or deps the overrides change run."""
     cmd = ["dvc", "exp", "run", "--temp", "--name", name, target]
-    for key, value in sorted(overrides.items()):
+    for key, value in sorted(effective_overrides(overrides, params).items()):
         cmd += ["-S", f"{'' if _has_key(params, key) else '+'}{key}={value}"]
     return cmd
+
+
+def effective_overrides(overrides: dict, params: dict) -> dict:
+    """The overrides a stage actually reads: a stage reads `params[stage]` overlaid with `scales.<scale>.<stage>`
+    (stages.common.stage_params), so `distill.max_steps=0` alone does nothing where the scale slice sets
+    `scales.tiny.distill.max_steps: 40`. Such a key is overridden in the scale slice too (the variant's value is what
+    the stage sees); keys the scale slice lacks are left as given."""
+    out = dict(overrides)
+    for key, value in overrides.items():
+        scaled = f"scales.{params.get('scale')}.{key}"
+        if not key.startswith("scales.") and _has_key(params, scaled):
+            out[scaled] = value
+    return out
 
 
 def experiment_refs(name: str, root=REPO) -> list[str]:
@@ -185,6 +199,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", default=None, help="one study from params.yaml `ablations:` (default: all)")
     ap.add_argument("--collect-only", action="store_true", help="rebuild the table from existing experiments")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="rerun only this variant of the study (repeatable); the table still collects every variant")
     args = ap.parse_args()
     params = common.load_params()
     studies = params.get("ablations", {})
@@ -197,8 +213,9 @@ def main() -> None:
         planned = runs(study, spec)
         started_from = workspace_hashes(spec["provenance"])
         if not args.collect_only:
-            for name, _, _, overrides in planned:
-                run_variant(name, overrides, spec["target"])
+            for name, variant, _, overrides in planned:
+                if args.variant is None or variant in args.variant:
+                    run_variant(name, overrides, spec["target"])
         command = f"python -m tools.ablate --study {study}"
         tables.append(results_table(study, spec, collect([name for name, *_ in planned]), command, started_from))
     out = REPO / "ablation" / scale
