@@ -189,15 +189,15 @@ class _DecodeStep:
         if cache.batch_size != b:
             raise ValueError(f"KVCache batch {cache.batch_size} != input batch {b}")
         g, s = h // hkv, pos + 1
-        positions = pos - cache.pad
+        bias = None
+        if cache.ragged:   # the cache's own positions and mask (KVCache.begin), as an additive [B * Hkv, G, S] mask
+            positions = cache.begin(1)[:, 0]
+            bias = torch.zeros(cache.mask.shape, device=token.device, dtype=torch.float32).masked_fill_(
+                ~cache.mask, float("-inf")).expand(b, hkv, g, s).reshape(b * hkv, g, s)
+        else:
+            positions = torch.full((b,), pos, device=token.device)
         cos, sin = model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None]
         x = torch.nn.functional.embedding(token, model.model.embed_tokens.weight)
-        bias = None
-        if cache.ragged:   # additive mask [B * Hkv, G, S]: -inf on each row's padding columns
-            cols = torch.arange(s, device=x.device)
-            bias = torch.zeros(b, s, device=x.device, dtype=torch.float32).masked_fill_(
-                cols[None, :] < cache.pad[:, None], float("-inf"))
-            bias = bias[:, None, None, :].expand(b, hkv, g, s).reshape(b * hkv, g, s)
         linear, scale = torch.nn.functional.linear, d ** -0.5
         for i, (w_in, qkv, w_o, w_post, gate_up, w_down) in enumerate(self.layers):
             y = ops.rms_norm(x, w_in, self.eps)

@@ -211,6 +211,9 @@ def main() -> None:
     for study, spec in studies.items():
         spec = {**spec, "provenance": [p.format(scale=scale) for p in spec.get("provenance", [])]}
         planned = runs(study, spec)
+        if unknown := set(args.variant or ()) - set(spec["variants"]):
+            raise SystemExit(f"--variant {sorted(unknown)}: not a variant of study {study!r} "
+                             f"(params.yaml ablations.{study}.variants: {sorted(spec['variants'])})")
         started_from = workspace_hashes(spec["provenance"])
         if not args.collect_only:
             for name, variant, _, overrides in planned:
