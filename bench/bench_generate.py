@@ -1,11 +1,16 @@
 """Generation throughput: our engine (model.generate) vs Hugging Face `LlamaForCausalLM.generate`, same checkpoint.
 
 A benchmark script, never a timed test. `python bench/bench_generate.py [--scale tiny] [--batch 32] [--new-tokens 64]
-[--threads 2] [--repeats 5] [--out DIR]`
+[--threads 2] [--repeats 5] [--checkpoint DIR] [--out DIR]`
 
 The checkpoint: a random init (torch.manual_seed(0)) at the `model` shape of params.yaml's scale, written with
-save_pretrained and loaded by both sides (ours: load_pretrained; HF: from_pretrained, fp32, SDPA attention). The
-batch: --batch prompts of ragged lengths (16 to 64 tokens, seeded), left-padded with an attention mask for HF. Both
+save_pretrained and loaded by both sides (ours: load_pretrained; HF: from_pretrained, fp32, SDPA attention); the
+batch: --batch prompts of random token ids, ragged lengths (16 to 64 tokens, seeded). A random init's next-token
+distribution is nearly flat (at 0.6 / 0.95 the nucleus holds most of the vocabulary), unlike a trained model's, so
+--checkpoint DIR (a trained HF-layout checkpoint with its tokenizer, e.g. artifacts/tiny/sft_full/final after
+`make demo`) measures the same on a trained model: the batch is then the first --batch held-out math-ladder prompts
+(stages.tasks at params.yaml's tasks slice) in the chat format, encoded by the checkpoint's tokenizer. Prompts are
+left-padded with an attention mask for HF. Both
 sides generate exactly --new-tokens tokens per row (no stop token: HF's eos_token_id is unset, ours has none), on
 --threads torch threads, under torch.inference_mode, in two modes: greedy and sampling (temperature 0.6, top-p 0.95,
 HF's top_k off). Tokens/s = batch x new tokens / wall time of one whole generate call (prefill included); each side
@@ -17,9 +22,10 @@ What differs between the sides (same model, same batch, same work otherwise):
   (one device-to-host transfer per step); HF returns token ids only.
 - ours draws each row with its own torch.Generator (per-sample seeds), inverse-CDF from one uniform per row per step;
   HF samples the whole batch with torch.multinomial on the global generator.
-- ours finds the top-p nucleus threshold without sorting the vocabulary on CPU (one weighted bincount over the fp32
-  bits, then a sort of the one bucket holding the threshold: model.generation._nucleus_threshold_cpu); HF sorts the
-  logits and scatters the mask back (torch.sort with indices).
+- ours draws the top-p nucleus on CPU from its candidates (tokens within 2^-12 of the row's top probability; sorted
+  alone when they hold top_p, model.generation._nucleus_draw_cpu), else over the whole vocabulary with a threshold
+  found without sorting it (a weighted bincount over the fp32 bits, then a sort of the one bucket holding it:
+  _nucleus_threshold_cpu); HF sorts the logits and scatters the mask back (torch.sort with indices).
 - ours decodes through model.generation._DecodeStep: the same ops as the model's forward, without module calls, from
   q/k/v and gate/up weights fused once per call (12 layer matmuls per step at the tiny shape instead of 28), attention
   as two batched matmuls; HF runs its modules (separate projections, SDPA).
@@ -31,6 +37,7 @@ checkpoint must give the same greedy continuations, up to float near-ties.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -62,6 +69,20 @@ def make_prompts(batch: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(PROMPT_LENGTHS[0], PROMPT_LENGTHS[1] + 1, (batch,), generator=g).tolist()
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def ladder_prompts(ckpt: Path, batch: int) -> list[list[int]]:
+    """The first `batch` held-out math-ladder prompts (levels in turn), chat format, encoded by ckpt's tokenizer."""
+    from stages import tasks
+    from stages.chat import encode_prompt, load_chat_tokenizer
+    params = load_params()
+    rows = tasks.build_tasks({"seed": params["seed"], **stage_params(params, "tasks")})["math_heldout"]
+    by_level: dict[int, list[dict]] = {}
+    for r in rows:
+        by_level.setdefault(r["level"], []).append(r)
+    picked = [r for group in itertools.zip_longest(*by_level.values()) for r in group if r is not None][:batch]
+    tok = load_chat_tokenizer(ckpt)
+    return [encode_prompt(tok, tasks.format_prompt(r, "chat")) for r in picked]
 
 
 def ours(model, prompts: list[list[int]], new_tokens: int, mode: str) -> list[list[int]]:
@@ -97,16 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--checkpoint", default=None, help="a trained HF-layout checkpoint dir (default: a random init)")
     ap.add_argument("--out", default=None, help="write bench_generate.json here")
     args = ap.parse_args(argv)
     from transformers import LlamaForCausalLM
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(args.scale, Path(tmp))
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(args.scale, Path(tmp))
         our_model = load_pretrained(ckpt).eval()
         hf_model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+        prompts = (ladder_prompts(ckpt, args.batch) if args.checkpoint
+                   else make_prompts(args.batch, our_model.config.vocab_size))
     hf_model.generation_config.eos_token_id = None
-    prompts = make_prompts(args.batch, our_model.config.vocab_size)
     sides = {"ours": lambda mode: ours(our_model, prompts, args.new_tokens, mode),
              "hf": lambda mode: hf(hf_model, prompts, args.new_tokens, mode)}
     tokens = args.batch * args.new_tokens
@@ -127,8 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "greedy":
             same = sum(a == b for a, b in zip(outputs["ours"], outputs["hf"]))
             results[mode]["greedy_rows_identical"] = f"{same}/{args.batch}"
-    print(f"generate: scale {args.scale}, batch {args.batch}, {args.new_tokens} new tokens, prompts "
-          f"{PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} tokens, {args.threads} threads, median of {args.repeats}")
+    lengths = sorted(map(len, prompts))
+    what = f"checkpoint {args.checkpoint}, ladder prompts" if args.checkpoint else f"scale {args.scale} random init, prompts"
+    print(f"generate: {what} {lengths[0]}-{lengths[-1]} tokens, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"{args.threads} threads, median of {args.repeats}")
     print(f"{'mode':8s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s}   best: {'ours':>6s} {'HF':>6s} {'ratio':>6s}")
     for mode, r in results.items():
         extra = f"  greedy rows identical: {r['greedy_rows_identical']}" if "greedy_rows_identical" in r else ""

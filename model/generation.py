@@ -201,9 +201,13 @@ class _DecodeStep:
         linear, scale = torch.nn.functional.linear, d ** -0.5
         for i, (w_in, qkv, w_o, w_post, gate_up, w_down) in enumerate(self.layers):
             y = ops.rms_norm(x, w_in, self.eps)
-            q, k, v = (linear(y, qkv[0]).split((h * d, hkv * d, hkv * d), dim=-1) if self.fused
-                       else (linear(y, w) for w in qkv))
-            q, k = ops.apply_rotary(q.view(b, h, 1, d), k.view(b, hkv, 1, d), cos, sin)
+            if self.fused:   # q and k sit side by side in the fused output: one rotation over both (elementwise)
+                qk, v = linear(y, qkv[0]).split(((h + hkv) * d, hkv * d), dim=-1)
+                qk, _ = ops.apply_rotary(qk.view(b, h + hkv, 1, d), qk.new_empty(b, 0, 1, d), cos, sin)
+                q, k = qk[:, :h], qk[:, h:]
+            else:
+                q, k, v = (linear(y, w) for w in qkv)
+                q, k = ops.apply_rotary(q.view(b, h, 1, d), k.view(b, hkv, 1, d), cos, sin)
             keys, values = cache.update(i, k, v.view(b, hkv, 1, d))      # [B, Hkv, S, D]: views, no copy
             scores = torch.bmm(q.reshape(b * hkv, g, d), keys.reshape(b * hkv, s, d).transpose(1, 2)).float()
             scores = scores.mul_(scale) if bias is None else scores.mul_(scale).add_(bias)
@@ -225,13 +229,73 @@ def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
         return token, best - logits.logsumexp(dim=-1), torch.zeros_like(best)
     tempered = torch.log_softmax(logits / temperature, dim=-1)
     q = tempered.exp()
+    if top_p < 1 and q.device.type == "cpu":
+        token, total = _nucleus_draw_cpu(q, top_p, uniforms)
+    else:
+        token, total = _full_draw(q, top_p, uniforms)
+    raw = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    return token, raw, tempered.gather(-1, token[:, None]).squeeze(-1) - total.log().float()
+
+
+CANDIDATE_RATIO = 2.0 ** -12  # candidates: p >= this x the row's largest p (exact in fp32: a power of two)
+MAX_CANDIDATES = 512          # a row with more (a flat distribution) takes the bucketed search over its whole vocabulary
+
+
+def _nucleus_draw_cpu(q_t: torch.Tensor, top_p: float, u_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus draw of sample_step on CPU, q_t [B, V] fp32 probabilities, u_t [B] fp64 uniforms: (token ids [B]
+    int64, the nucleus mass [B] fp64), equal to the computation over the whole vocabulary (nucleus_threshold, then
+    the fp64 cumsum in token-id order and the search for u * total) without its passes over [B, V] in fp64.
+
+    Candidates are the tokens with p >= CANDIDATE_RATIO * max p, in token-id order. When their fp64 mass reaches
+    top_p, the nucleus (the most likely tokens until top_p) lies among them, so tau is found by sorting the
+    candidates alone: their descending running sum is the full sort's running sum up to tau (fp64, same order). The
+    kept tokens (p >= tau) are candidates too, so their cumulative mass in token-id order is the full cumsum at every
+    kept token (the others add zeros), and the first one past u * total is the token. A row whose candidates hold less
+    than top_p, or that has more than MAX_CANDIDATES of them (a flat distribution: a random init's), is drawn over its
+    whole vocabulary (tau from _nucleus_threshold_cpu's bucketed search)."""
+    q, u = q_t.numpy(), u_t.numpy()
+    b, v = q.shape
+    top = q.max(axis=1)
+    if (top * MAX_CANDIDATES < top_p).all():     # no row can reach top_p in MAX_CANDIDATES tokens
+        return _full_draw(q_t, top_p, u_t)
+    flat_index = np.flatnonzero(q >= (top * np.float32(CANDIDATE_RATIO))[:, None])  # 2-D nonzero is ~10x slower
+    rows = flat_index // v
+    counts = np.bincount(rows, minlength=b)
+    flat = counts > MAX_CANDIDATES
+    if flat.all():
+        return _full_draw(q_t, top_p, u_t)
+    cols = flat_index - rows * v
+    if flat.any():
+        keep = ~flat[rows]
+        rows, cols, counts[flat] = rows[keep], cols[keep], 0
+    width = int(counts.max())
+    pos = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    vals = np.zeros((b, width))                  # fp64, token-id order, zero-padded
+    vals[rows, pos] = q[rows, cols]
+    ids = np.zeros((b, width), dtype=np.int64)
+    ids[rows, pos] = cols
+    desc = -np.sort(-vals, axis=1)
+    above = np.cumsum(desc, axis=1)
+    at = np.arange(b)
+    tau = desc[at, np.maximum(np.minimum((above < top_p).sum(axis=1), counts - 1), 0)]
+    cdf = np.cumsum(np.where(vals >= tau[:, None], vals, 0.0), axis=1)
+    total = cdf[:, -1].copy()
+    token = ids[at, np.minimum((cdf <= (u * total)[:, None]).sum(axis=1), width - 1)]
+    token, total = torch.from_numpy(token), torch.from_numpy(total)
+    rest = np.flatnonzero(flat | (above[:, -1] < top_p))
+    if rest.size:
+        index = torch.from_numpy(rest)
+        token[index], total[index] = _full_draw(q_t[index], top_p, u_t[index])
+    return token, total
+
+
+def _full_draw(q: torch.Tensor, top_p: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw over the whole vocabulary: (token ids [B], nucleus mass [B] fp64)."""
     if top_p < 1:
         q = q * (q >= nucleus_threshold(q, top_p)[:, None])   # torch.where(..., q, 0) is ~6x slower on CPU
     cdf = q.double().cumsum(dim=-1)
     total = cdf[:, -1]
-    token = torch.searchsorted(cdf, (uniforms * total)[:, None], right=True).squeeze(-1).clamp_(max=q.shape[-1] - 1)
-    raw = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-    return token, raw, tempered.gather(-1, token[:, None]).squeeze(-1) - total.log().float()
+    return torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1).clamp_(max=q.shape[-1] - 1), total
 
 
 def nucleus_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -133,6 +133,45 @@ def test_nucleus_threshold_equals_a_full_sort(model):
             assert nucleus_threshold(probs, top_p).equal(by_sort(probs, top_p)), (scale, top_p)
 
 
+def _draw_over_the_vocabulary(q, top_p, u):
+    """The reference draw: tau from a full sort summed in fp64, then the fp64 cumsum over the whole row in token-id
+    order and the first token past u * total."""
+    desc = q.double().sort(dim=-1, descending=True).values
+    k = torch.searchsorted(desc.cumsum(-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
+    kept = q * (q >= desc.gather(-1, k).float())
+    cdf = kept.double().cumsum(-1)
+    total = cdf[:, -1]
+    return torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1).clamp_(max=q.shape[-1] - 1), total
+
+
+def test_the_candidate_draw_equals_the_draw_over_the_whole_vocabulary():
+    # _nucleus_draw_cpu sorts only the tokens within 2^-12 of the row's top probability; every row kind takes its
+    # branch in one batch: peaked rows (candidates), near-uniform rows (more than MAX_CANDIDATES candidates), rows
+    # whose candidates hold less than top_p (one big token over thousands just under the cut), ties, zeros; and a
+    # batch of flat rows alone (the shortcut). Same token ids and nucleus masses, exactly.
+    g = torch.Generator().manual_seed(7)
+    v = 4096
+    for trial in range(40):
+        scale = torch.tensor([0.01, 0.5, 2.0, 5.0, 20.0, 60.0])[torch.randint(0, 6, (24, 1), generator=g)]
+        probs = torch.softmax(torch.randn(24, v, generator=g) * scale, -1)
+        probs[0] = 0.5 / (v - 1)
+        probs[0, trial] = 0.5                          # candidates {trial}: mass 0.5 < top_p, the whole row decides
+        probs[1] = 0.0
+        probs[1, :3] = torch.tensor([0.5, 0.25, 0.25])  # ties at tau; top_p 0.75 is reached exactly
+        probs[2, :100] = 0.0
+        u = torch.rand(24, generator=g, dtype=torch.float64)
+        for top_p in (1e-9, 0.5, 0.75, 0.9, 0.95, 0.999):
+            for rows in (slice(None), slice(0, 1), slice(3, 6)):
+                token, total = generation._nucleus_draw_cpu(probs[rows].contiguous(), top_p, u[rows])
+                want_token, want_total = _draw_over_the_vocabulary(probs[rows], top_p, u[rows])
+                assert token.equal(want_token) and total.equal(want_total), (trial, top_p, rows)
+    flat = torch.softmax(torch.randn(8, v, generator=g) * 0.01, -1)
+    u = torch.rand(8, generator=g, dtype=torch.float64)
+    token, total = generation._nucleus_draw_cpu(flat, 0.95, u)
+    want_token, want_total = _draw_over_the_vocabulary(flat, 0.95, u)
+    assert token.equal(want_token) and total.equal(want_total)
+
+
 def test_a_sample_depends_on_its_seed_not_its_batch(model):
     p, others = prompts([6], seed=2)[0], prompts([2, 15, 9], seed=3)
     # Two common stop tokens make rows finish at different steps, so rows leave the batch mid-way.
