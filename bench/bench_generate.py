@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             same = sum(a == b for a, b in zip(outputs["ours"], outputs["hf"]))
             results[mode]["greedy_rows_identical"] = f"{same}/{args.batch}"
     lengths = sorted(map(len, prompts))
-    what = f"checkpoint {args.checkpoint}, ladder prompts" if args.checkpoint else f"scale {args.scale} random init, prompts"
+    what = (f"checkpoint {args.checkpoint}, ladder prompts" if args.checkpoint
+            else f"scale {args.scale} random init, prompts")
     print(f"generate: {what} {lengths[0]}-{lengths[-1]} tokens, batch {args.batch}, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats}")
     print(f"{'mode':8s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s}   best: {'ours':>6s} {'HF':>6s} {'ratio':>6s}")

@@ -238,7 +238,7 @@ def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 CANDIDATE_RATIO = 2.0 ** -12  # candidates: p >= this x the row's largest p (exact in fp32: a power of two)
-MAX_CANDIDATES = 512          # a row with more (a flat distribution) takes the bucketed search over its whole vocabulary
+MAX_CANDIDATES = 512          # a row with more (a flat distribution) takes the bucketed search over its whole row
 
 
 def _nucleus_draw_cpu(q_t: torch.Tensor, top_p: float, u_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
