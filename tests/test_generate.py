@@ -118,27 +118,28 @@ def test_the_decode_step_equals_the_module_forward_on_a_ragged_cache(model, fuse
             token = want.argmax(-1)
 
 
+def _tau_by_full_sort(probs, top_p):
+    """tau [B] by definition: sort the whole row, sum it in fp64, take the value where the sum reaches top_p."""
+    desc = probs.double().sort(dim=-1, descending=True).values
+    k = torch.searchsorted(desc.cumsum(-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
+    return desc.gather(-1, k).squeeze(-1).float()
+
+
 def test_nucleus_threshold_equals_a_full_sort(model):
     # The CPU path buckets the row by its fp32 bits instead of sorting it: the same tau as sorting the whole row and
     # summing in fp64, from near-uniform rows (thousands of tokens in the nucleus) to peaked ones, zeros included.
-    def by_sort(probs, top_p):
-        desc = probs.double().sort(dim=-1, descending=True).values
-        k = torch.searchsorted(desc.cumsum(-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
-        return desc.gather(-1, k).squeeze(-1).float()
     g = torch.Generator().manual_seed(3)
     for scale in (0.01, 1.0, 10.0, 100.0):
         probs = torch.softmax(torch.randn(16, 4096, generator=g) * scale, -1)
         probs[:4, :100] = 0.0
         for top_p in (1e-9, 0.3, 0.9, 0.95, 0.999, 1.0):
-            assert nucleus_threshold(probs, top_p).equal(by_sort(probs, top_p)), (scale, top_p)
+            assert nucleus_threshold(probs, top_p).equal(_tau_by_full_sort(probs, top_p)), (scale, top_p)
 
 
 def _draw_over_the_vocabulary(q, top_p, u):
     """The reference draw: tau from a full sort summed in fp64, then the fp64 cumsum over the whole row in token-id
     order and the first token past u * total."""
-    desc = q.double().sort(dim=-1, descending=True).values
-    k = torch.searchsorted(desc.cumsum(-1), torch.full_like(desc[:, :1], top_p)).clamp_(max=desc.shape[-1] - 1)
-    kept = q * (q >= desc.gather(-1, k).float())
+    kept = q * (q >= _tau_by_full_sort(q, top_p)[:, None])
     cdf = kept.double().cumsum(-1)
     total = cdf[:, -1]
     return torch.searchsorted(cdf, (u * total)[:, None], right=True).squeeze(-1).clamp_(max=q.shape[-1] - 1), total
