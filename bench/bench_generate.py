@@ -27,8 +27,10 @@ What differs between the sides (same model, same batch, same work otherwise):
   found without sorting it (a weighted bincount over the fp32 bits, then a sort of the one bucket holding it:
   _nucleus_threshold_cpu); HF sorts the logits and scatters the mask back (torch.sort with indices).
 - ours decodes through model.generation._DecodeStep: the same ops as the model's forward, without module calls, from
-  q/k/v and gate/up weights fused once per call (12 layer matmuls per step at the tiny shape instead of 28), attention
-  as two batched matmuls; HF runs its modules (separate projections, SDPA).
+  q/k/v and gate/up weights fused once per call (12 layer matmuls per step at the tiny shape instead of 28), the
+  gate/up and lm_head matmuls on weights reordered once for oneDNN (model.generation._cpu_linear; HF's go through
+  torch.nn.functional.linear every step), attention as two batched matmuls; HF runs its modules (separate
+  projections, SDPA).
 - ours keeps a preallocated KV cache and one attention mask per step; HF's DynamicCache grows by concatenation and
   its mask is rebuilt by its masking utilities every step.
 Greedy agreement (rows whose greedy tokens are identical on both sides) is printed as a sanity check: the same

@@ -118,6 +118,21 @@ def test_the_decode_step_equals_the_module_forward_on_a_ragged_cache(model, fuse
             token = want.argmax(-1)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 32, 45])
+def test_the_prepacked_cpu_linear_equals_the_torch_linear_at_any_row_count(rows):
+    # The decode step's gate/up and lm_head matmuls run on a weight reordered once for oneDNN, packed for 32 rows:
+    # any row count (rows finish and leave the batch) gives torch.nn.functional.linear's result up to rounding.
+    if not generation.PREPACKED:
+        pytest.skip("this torch build has no oneDNN (mkldnn): _cpu_linear is torch.nn.functional.linear itself")
+    g = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(1000, 192, generator=g) * 0.05, torch.randn(rows, 192, generator=g)
+    with torch.inference_mode():
+        got = generation._cpu_linear(weight, 32)(x)
+        want = torch.nn.functional.linear(x, weight)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(generation._cpu_linear(weight.flip(0), 32)(x), want)   # it reads the weight it was given
+
+
 def _tau_by_full_sort(probs, top_p):
     """tau [B] by definition: sort the whole row, sum it in fp64, take the value where the sum reaches top_p."""
     desc = probs.double().sort(dim=-1, descending=True).values
